@@ -1,0 +1,196 @@
+from __future__ import annotations
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
+from django.test import override_settings
+
+from django_scalekit import checks
+
+# The checks only read DATABASES; no connection is made with the overrides.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Overriding setting DATABASES:UserWarning"
+)
+
+ROUTER = "django_scalekit.routers.PrimaryReplicaRouter"
+PINNING = "django_scalekit.middleware.PinningMiddleware"
+
+
+def ids(messages):
+    return [m.id for m in messages]
+
+
+def test_check_settings_clean():
+    assert checks.check_settings() == []
+
+
+@override_settings(SCALEKIT={"REPLICAS": {"replica": 0, "ghost": 1}, "TYPO": 1})
+def test_check_settings_reports_every_problem():
+    messages = checks.check_settings()
+    assert ids(messages) == ["scalekit.W001", "scalekit.E006", "scalekit.E005"]
+    assert "'ghost'" in messages[2].msg and "not in DATABASES" in messages[2].msg
+
+
+def test_replica_router_clean():
+    assert checks.check_replica_router() == []
+
+
+@override_settings(SCALEKIT={"REPLICAS": []})
+def test_router_without_replicas():
+    assert ids(checks.check_replica_router()) == ["scalekit.W002"]
+
+
+@override_settings(DATABASE_ROUTERS=[])
+def test_replicas_without_router():
+    assert ids(checks.check_replica_router()) == ["scalekit.W003"]
+
+
+@override_settings(MIDDLEWARE=[])
+def test_replicas_without_pinning_middleware():
+    assert ids(checks.check_replica_router()) == ["scalekit.W004"]
+
+
+@override_settings(
+    MIDDLEWARE=[], SCALEKIT={"REPLICAS": ["replica"], "PINNING_SECONDS": 0}
+)
+def test_pinning_disabled_needs_no_middleware():
+    assert checks.check_replica_router() == []
+
+
+@override_settings(
+    SCALEKIT={"REPLICAS": ["replica_closed"], "REPLICA_MAX_LAG_SECONDS": 5}
+)
+def test_lag_on_non_postgresql_replica():
+    from django.conf import settings
+
+    dbs = {
+        **settings.DATABASES,
+        "replica_closed": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"},
+    }
+    with override_settings(DATABASES=dbs):
+        assert ids(checks.check_replica_router()) == ["scalekit.W005"]
+
+
+def test_postgresql_replica_without_connect_timeout():
+    from django.conf import settings
+
+    replica = {k: v for k, v in settings.DATABASES["replica"].items() if k != "OPTIONS"}
+    with override_settings(DATABASES={**settings.DATABASES, "replica": replica}):
+        messages = checks.check_replica_router()
+    assert ids(messages) == ["scalekit.W006"]
+    assert "connect_timeout" in messages[0].hint
+
+
+def test_scaling_readiness_clean_settings():
+    from django.conf import settings
+
+    dbs = {
+        alias: {**db, "CONN_MAX_AGE": 60} for alias, db in settings.DATABASES.items()
+    }
+    with override_settings(DATABASES=dbs):
+        assert checks.check_scaling_readiness() == []
+
+
+def test_scaling_readiness_warnings():
+    from django.conf import settings
+
+    dbs = {alias: dict(db) for alias, db in settings.DATABASES.items()}
+    dbs["replica"]["TEST"] = {}
+    for db in dbs.values():
+        db["CONN_MAX_AGE"] = 60
+    dbs["replica_b"]["CONN_MAX_AGE"] = 0
+    with override_settings(
+        DATABASES=dbs,
+        DEBUG=True,
+        SESSION_ENGINE="django.contrib.sessions.backends.file",
+        CACHES={
+            "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+        },
+    ):
+        messages = checks.check_scaling_readiness()
+    assert ids(messages) == [
+        "scalekit.W020",
+        "scalekit.W021",
+        "scalekit.W022",
+        "scalekit.W023",
+        "scalekit.W024",
+    ]
+    assert "'replica_b'" in messages[2].msg
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "django.core.cache.backends.dummy.DummyCache",
+        "django.core.cache.backends.locmem.LocMemCache",
+    ],
+)
+def test_process_local_default_cache(backend):
+    with override_settings(CACHES={"default": {"BACKEND": backend}}):
+        assert "scalekit.W021" in ids(checks.check_scaling_readiness())
+
+
+def test_checks_are_registered():
+    with (
+        override_settings(SCALEKIT={"REPLICAS": ["ghost"]}),
+        pytest.raises(SystemCheckError, match=r"scalekit\.E005"),
+    ):
+        call_command("check", tags=["scalekit"])
+
+
+def test_deploy_checks_only_with_deploy(capsys):
+    with override_settings(DEBUG=True):
+        call_command("check", tags=["scalekit"])
+        assert "scalekit.W023" not in capsys.readouterr().err
+        call_command("check", "--deploy", tags=["scalekit"])
+        assert "scalekit.W023" in capsys.readouterr().err
+
+
+def test_lsn_mode_on_a_non_postgresql_replica():
+    from django.conf import settings
+
+    dbs = {
+        **settings.DATABASES,
+        "replica_closed": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"},
+    }
+    scalekit = {"REPLICAS": ["replica", "replica_closed"], "READ_YOUR_WRITES": "lsn"}
+    with override_settings(DATABASES=dbs, SCALEKIT=scalekit):
+        messages = checks.check_replica_router()
+    assert ids(messages) == ["scalekit.W007"]
+    assert "'replica_closed'" in messages[0].msg
+
+
+def test_all_checks_report_a_bad_setting_instead_of_crashing():
+    # Model checks call the routers' allow_migrate(): they must not raise on
+    # the misconfiguration the scalekit checks are about to report.
+    with (
+        override_settings(SCALEKIT={"REPLICAS": {"replica": 0}}),
+        pytest.raises(SystemCheckError, match=r"scalekit\.E006"),
+    ):
+        call_command("check")
+
+
+def test_replicas_only_in_groups_count_as_replicas():
+    scalekit = {
+        "GROUPS": {"a": {"PRIMARY": "analytics", "REPLICAS": ["analytics_replica"]}}
+    }
+    with override_settings(SCALEKIT=scalekit):
+        assert checks.check_replica_router() == []
+    with override_settings(SCALEKIT=scalekit, MIDDLEWARE=[]):
+        assert ids(checks.check_replica_router()) == ["scalekit.W004"]
+
+
+def test_pinning_middleware_after_session_middleware():
+    from django.conf import settings
+
+    session = "django.contrib.sessions.middleware.SessionMiddleware"
+    with override_settings(MIDDLEWARE=[session, PINNING]):
+        assert ids(checks.check_replica_router()) == ["scalekit.W008"]
+    assert settings.MIDDLEWARE.index(PINNING) < settings.MIDDLEWARE.index(session)
+
+
+@pytest.mark.parametrize("name", ["a,b", "a=b", "shard:x"])
+def test_group_names_that_cannot_travel_in_the_cookie(name):
+    scalekit = {"REPLICAS": ["replica"], "GROUPS": {name: {"PRIMARY": "analytics"}}}
+    with override_settings(SCALEKIT=scalekit):
+        assert ids(checks.check_replica_router()) == ["scalekit.W009"]

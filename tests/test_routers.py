@@ -1,0 +1,748 @@
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+import time
+import uuid
+from collections import Counter
+from unittest import mock
+
+import pytest
+from asgiref.sync import async_to_sync
+from django.core.signals import request_started
+from django.db import connections, transaction
+from django.http import HttpRequest, HttpResponse
+from django.test import AsyncClient, Client, override_settings
+
+from django_scalekit import routers
+from django_scalekit.middleware import _PIN_SALT
+from django_scalekit.routers import PrimaryReplicaRouter, routing_scope, use_primary
+from tests.conftest import services, wait_until
+from tests.testapp.models import Event, Item
+
+router = PrimaryReplicaRouter()
+
+SCALEKIT = {"REPLICAS": ["replica"], "PINNING_SECONDS": 5, "REPLICA_RETRY_SECONDS": 30}
+
+
+def unique(prefix: str = "item") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+# --- Routing decisions ------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+class TestDecisions:
+    def test_reads_go_to_a_replica(self, replica):
+        assert router.db_for_read(Item) == "replica"
+
+    def test_writes_go_to_the_primary(self):
+        assert router.db_for_write(Item) == "default"
+
+    @override_settings(SCALEKIT={"PRIMARY": "replica_closed"})
+    def test_primary_is_configurable(self):
+        assert router.db_for_write(Item) == "replica_closed"
+        assert router.db_for_read(Item) == "replica_closed"
+
+    def test_reads_after_a_write_in_the_same_scope_go_to_the_primary(self, replica):
+        assert router.db_for_read(Item) == "replica"
+        router.db_for_write(Item)
+        assert router.db_for_read(Item) == "default"
+
+    def test_a_new_scope_reads_from_replicas_again(self, replica):
+        with routing_scope():
+            router.db_for_write(Item)
+            assert router.db_for_read(Item) == "default"
+        with routing_scope():
+            assert router.db_for_read(Item) == "replica"
+
+    def test_request_started_gives_a_fresh_scope(self, replica):
+        router.db_for_write(Item)
+        request_started.send(sender=None)
+        assert router.db_for_read(Item) == "replica"
+
+    def test_reads_inside_atomic_go_to_the_primary(self, replica):
+        with transaction.atomic():
+            assert router.db_for_read(Item) == "default"
+        assert router.db_for_read(Item) == "replica"
+
+    def test_use_primary_as_context_manager(self, replica):
+        with use_primary():
+            assert router.db_for_read(Item) == "default"
+        assert router.db_for_read(Item) == "replica"
+
+    def test_use_primary_as_decorator(self, replica):
+        @use_primary
+        def bare():
+            return router.db_for_read(Item)
+
+        @use_primary()
+        def called():
+            return router.db_for_read(Item)
+
+        assert bare() == called() == "default"
+        assert bare.__name__ == "bare"
+        assert router.db_for_read(Item) == "replica"
+
+    def test_use_primary_on_async_functions(self, replica):
+        @use_primary
+        async def read():
+            await asyncio.sleep(0)
+            return router.db_for_read(Item)
+
+        async def both():
+            async with use_primary():
+                inside = router.db_for_read(Item)
+            return inside, await read(), router.db_for_read(Item)
+
+        assert async_to_sync(both)() == ("default", "default", "replica")
+
+    def test_use_primary_on_a_method(self, replica):
+        class Service:
+            @use_primary
+            def read(self, suffix):
+                return router.db_for_read(Item) + suffix
+
+        assert Service().read("!") == "default!"
+
+    def test_a_write_in_one_thread_does_not_pin_another(self, replica):
+        seen = {}
+
+        def worker(name, write):
+            with routing_scope():
+                if write:
+                    router.db_for_write(Item)
+                seen[name] = router.db_for_read(Item)
+            connections.close_all()
+
+        threads = [
+            threading.Thread(target=worker, args=("writer", True)),
+            threading.Thread(target=worker, args=("reader", False)),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert seen == {"writer": "default", "reader": "replica"}
+
+    def test_atomic_check_uses_each_threads_own_connection(self, replica):
+        # One scope shared by two threads (as sync_to_async(thread_sensitive=False)
+        # does): the atomic check must look at the calling thread's connection.
+        assert router.db_for_read(Item) == "replica"  # caches this thread's primary
+        context = contextvars.copy_context()
+        seen = []
+
+        def in_other_thread():
+            with transaction.atomic():
+                seen.append(router.db_for_read(Item))
+            seen.append(router.db_for_read(Item))
+            connections.close_all()
+
+        thread = threading.Thread(target=context.run, args=(in_other_thread,))
+        thread.start()
+        thread.join()
+        assert seen == ["default", "replica"]
+        with transaction.atomic():
+            assert router.db_for_read(Item) == "default"
+
+    def test_concurrent_async_tasks_have_their_own_scopes(self, replica):
+        async def task(write):
+            token = routers.begin_scope()
+            try:
+                if write:
+                    router.db_for_write(Item)
+                await asyncio.sleep(0.01)
+                return router.db_for_read(Item)
+            finally:
+                routers.end_scope(token)
+
+        async def main():
+            return await asyncio.gather(task(True), task(False))
+
+        assert async_to_sync(main)() == ["default", "replica"]
+
+    def test_all_reads_of_a_scope_use_one_replica(self, replica):
+        seen = set()
+        with override_settings(
+            SCALEKIT={**SCALEKIT, "REPLICAS": {"replica": 1, "replica_b": 1}}
+        ):
+            for _ in range(40):
+                with routing_scope():
+                    first = router.db_for_read(Item)
+                    assert {router.db_for_read(Item) for _ in range(10)} == {first}
+                    seen.add(first)
+        assert seen == {"replica", "replica_b"}
+
+    def test_weights_spread_scopes_in_proportion(self, replica):
+        with override_settings(
+            SCALEKIT={**SCALEKIT, "REPLICAS": {"replica": 3, "replica_b": 1}}
+        ):
+            counts = Counter()
+            for _ in range(2000):
+                with routing_scope():
+                    counts[router.db_for_read(Item)] += 1
+        assert set(counts) == {"replica", "replica_b"}
+        # Expected 1500 / 500; the bounds are many standard deviations wide.
+        assert 1300 < counts["replica"] < 1700
+
+    def test_no_replicas_means_reads_go_to_the_primary(self):
+        with override_settings(SCALEKIT={"REPLICAS": []}):
+            assert router.db_for_read(Item) == "default"
+
+
+def test_allow_relation():
+    a, b, other = Item(), Item(), Item()
+    a._state.db, b._state.db, other._state.db = "default", "replica", "elsewhere"
+    assert router.allow_relation(a, b) is True
+    assert router.allow_relation(a, other) is None
+
+
+def test_allow_migrate_only_on_the_primary():
+    assert router.allow_migrate("default", "testapp") is True
+    assert router.allow_migrate("replica", "testapp") is False
+    assert router.allow_migrate("elsewhere", "testapp") is None
+
+
+# --- Failover ---------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+class TestFailover:
+    @override_settings(SCALEKIT={**SCALEKIT, "REPLICAS": ["replica_closed"]})
+    def test_refused_replica_falls_back_to_primary_and_leaves_rotation(self, caplog):
+        Item.objects.create(name="x")
+        with routing_scope():
+            assert list(Item.objects.values_list("name", flat=True)) == ["x"]
+        assert routers.is_down("replica_closed")
+        assert "out of rotation" in caplog.text
+        # Later scopes do not try it again while it is out of rotation.
+        with mock.patch.object(routers, "_connection_ok", side_effect=AssertionError):
+            for _ in range(3):
+                with routing_scope():
+                    assert router.db_for_read(Item) == "default"
+
+    @override_settings(
+        SCALEKIT={**SCALEKIT, "REPLICAS": {"replica_closed": 1e9, "replica": 1e-9}}
+    )
+    def test_refused_replica_falls_back_to_another_replica(self, replica):
+        with routing_scope():
+            assert router.db_for_read(Item) == "replica"
+        assert routers.is_down("replica_closed")
+        assert not routers.is_down("replica")
+
+    @override_settings(
+        SCALEKIT={
+            **SCALEKIT,
+            "REPLICAS": ["replica_closed"],
+            "REPLICA_RETRY_SECONDS": 0.2,
+        }
+    )
+    def test_replica_is_retried_after_retry_seconds(self):
+        with routing_scope():
+            router.db_for_read(Item)
+        assert routers.is_down("replica_closed")
+        time.sleep(0.3)
+        assert not routers.is_down("replica_closed")
+        with (
+            mock.patch.object(routers, "_connection_ok", return_value=True) as probe,
+            routing_scope(),
+        ):
+            assert router.db_for_read(Item) == "replica_closed"
+        probe.assert_called_once_with("replica_closed")
+
+
+@pytest.mark.outage
+@pytest.mark.django_db(transaction=True, databases="__all__")
+def test_reads_succeed_with_the_replica_cluster_stopped(replica):
+    Item.objects.create(name="kept")
+    assert wait_until(lambda: Item.objects.using("replica").exists())
+    with routing_scope():
+        assert router.db_for_read(Item) == "replica"  # a live connection now exists
+    services("replica-stop")
+    try:
+        client = Client()
+        started = time.monotonic()
+        assert client.get("/items/").json()["names"] == ["kept"]
+        assert routers.is_down("replica")
+        first = time.monotonic() - started
+        started = time.monotonic()
+        for _ in range(5):
+            assert client.get("/items/").json() == {
+                "names": ["kept"],
+                "read_from": "default",
+            }
+        later = (time.monotonic() - started) / 5
+        assert first < 5  # bounded by connect_timeout (2 s) plus slack
+        assert later < 0.5  # out of rotation: no new connection attempts
+    finally:
+        services("replica-start")
+        connections["replica"].close()
+    # The replica comes back once its retry time has passed.
+    routers.reset_replica_state()
+    assert wait_until(lambda: Client().get("/items/").json()["read_from"] == "replica")
+
+
+# --- Read-your-writes against the real replica, with real replication lag --
+
+
+@pytest.mark.replica
+@pytest.mark.django_db(transaction=True, databases="__all__")
+class TestReadYourWrites:
+    def test_the_replica_really_lags(self, replica_delay, on_replica):
+        replica_delay(1000)
+        name = unique()
+        Item.objects.create(name=name)
+        assert name not in on_replica()
+        assert wait_until(lambda: name in on_replica())
+
+    def test_write_then_read_in_one_request(self, replica_delay, on_replica):
+        replica_delay(1000)
+        name = unique()
+        body = Client().get("/write-then-read/", {"name": name}).json()
+        assert name in body["names"]
+        assert name not in on_replica()
+
+    def test_write_then_stream_in_one_request(self, replica_delay, on_replica):
+        replica_delay(2000)
+        name = unique()
+        response = Client().get("/write-then-stream/", {"name": name})
+        body = b"".join(response.streaming_content).decode()
+        assert name in body.split("\n")
+        assert "read_from=default" in body
+        assert name not in on_replica()
+
+    def test_async_write_then_read_in_one_request(self, replica_delay, on_replica):
+        replica_delay(1000)
+        name = unique()
+        response = async_to_sync(AsyncClient().get)(
+            "/async/write-then-read/", {"name": name}
+        )
+        assert name in response.json()["names"]
+        assert name not in on_replica()
+
+    def test_pinned_client_reads_its_write_in_the_next_request(
+        self, replica_delay, on_replica
+    ):
+        replica_delay(3000)
+        name = unique()
+        writer = Client()
+        response = writer.post("/items/", {"name": name})
+        assert "scalekit_pin" in response.cookies
+        assert response.cookies["scalekit_pin"]["httponly"]
+        assert name in writer.get("/items/").json()["names"]
+        assert (
+            name
+            in async_to_sync(writer_async(writer).get)("/async/items/").json()["names"]
+        )
+        # An unpinned client is served by the replica, which has not replayed yet.
+        body = Client().get("/items/").json()
+        assert body["read_from"] == "replica"
+        assert name not in body["names"]
+        assert wait_until(lambda: name in Client().get("/items/").json()["names"])
+
+    def test_forged_cookie_is_ignored(self, replica_delay):
+        replica_delay(3000)
+        name = unique()
+        Client().post("/items/", {"name": name})
+        forger = Client()
+        forger.cookies["scalekit_pin"] = "1"
+        body = forger.get("/items/").json()
+        assert body["read_from"] == "replica"
+        assert name not in body["names"]
+
+    def test_expired_cookie_is_ignored(self, replica_delay):
+        replica_delay(1000)
+        name = unique()
+        Client().post("/items/", {"name": name})
+        client = Client()
+        client.cookies["scalekit_pin"] = signed_pin("1", age=60)
+        body = client.get("/items/").json()
+        assert body["read_from"] == "replica"
+        assert name not in body["names"]
+        # The same cookie, signed now, does pin: only its age was wrong.
+        client.cookies["scalekit_pin"] = signed_pin("1")
+        assert client.get("/items/").json()["read_from"] == "default"
+
+    def test_a_request_that_fails_after_writing_leaves_the_next_one_unpinned(
+        self, replica
+    ):
+        client = Client(raise_request_exception=False)
+        assert client.get("/write-then-fail/").status_code == 500
+        # Same thread, next request: a fresh scope, reading the replica.
+        assert Client().get("/items/").json()["read_from"] == "replica"
+        assert (
+            router.db_for_read(Item) == "replica"
+        )  # nor does it leak out of the request
+
+    def test_nested_use_primary_restores_what_was_before(self, replica):
+        with use_primary():
+            with use_primary():
+                assert router.db_for_read(Item) == "default"
+            assert router.db_for_read(Item) == "default"
+        assert router.db_for_read(Item) == "replica"
+
+    def test_safe_request_without_writes_does_not_pin(self, replica):
+        response = Client().get("/items/")
+        assert "scalekit_pin" not in response.cookies
+
+    def test_safe_request_that_writes_pins(self, replica):
+        response = Client().get("/write-then-read/", {"name": unique()})
+        assert "scalekit_pin" in response.cookies
+
+    @override_settings(SCALEKIT={**SCALEKIT, "PINNING_SECONDS": 0})
+    def test_pinning_seconds_zero_disables_the_cookie(self, replica):
+        response = Client().post("/items/", {"name": unique()})
+        assert "scalekit_pin" not in response.cookies
+
+
+def signed_pin(value: str, age: float = 0) -> str:
+    """A pinning cookie value signed ``age`` seconds ago, as the middleware signs it."""
+    response = HttpResponse()
+    with mock.patch("django.core.signing.time.time", return_value=time.time() - age):
+        response.set_signed_cookie("scalekit_pin", value, salt=_PIN_SALT)
+    return response.cookies["scalekit_pin"].value
+
+
+def read_pin(cookie: str) -> str:
+    request = HttpRequest()
+    request.COOKIES["scalekit_pin"] = cookie
+    return request.get_signed_cookie("scalekit_pin", salt=_PIN_SALT, max_age=60)
+
+
+def writer_async(client: Client) -> AsyncClient:
+    async_client = AsyncClient()
+    async_client.cookies = client.cookies
+    return async_client
+
+
+@pytest.mark.replica
+@pytest.mark.django_db(transaction=True, databases="__all__")
+class TestLagAwareness:
+    def test_replica_lag_is_measured(self, replica_delay):
+        replica_delay(2000)
+        Item.objects.create(name=unique())
+        time.sleep(0.5)
+        assert routers.replica_lag("replica") > 0.3
+
+    def test_lagging_replica_is_skipped_then_used_again(self, replica_delay, caplog):
+        replica_delay(2000)
+        settings = {
+            **SCALEKIT,
+            "REPLICA_MAX_LAG_SECONDS": 0.5,
+            "REPLICA_LAG_CHECK_SECONDS": 0.1,
+        }
+        with override_settings(SCALEKIT=settings):
+            name = unique()
+            Item.objects.create(name=name)
+            time.sleep(0.8)
+            with routing_scope():
+                assert router.db_for_read(Item) == "default"
+            assert "lags" in caplog.text
+
+            def back_on_replica():
+                time.sleep(0.1)
+                with routing_scope():
+                    return router.db_for_read(Item) == "replica"
+
+            assert wait_until(back_on_replica)
+
+
+# --- Several primary/replica groups (SCALEKIT["GROUPS"]) ---------------------
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+class TestGroups:
+    def test_each_group_reads_its_own_replica_and_writes_its_own_primary(self, replica):
+        assert router.db_for_read(Event) == "analytics_replica"
+        assert router.db_for_read(Item) == "replica"
+        assert router.db_for_write(Event) == "analytics"
+
+    def test_a_write_pins_only_its_own_group(self, replica):
+        router.db_for_write(Event)
+        assert router.db_for_read(Event) == "analytics"
+        assert router.db_for_read(Item) == "replica"
+        router.db_for_write(Item)
+        assert router.db_for_read(Item) == "default"
+
+    def test_a_pinning_cookie_pins_every_group(self, replica):
+        with routing_scope(pinned=True):
+            assert router.db_for_read(Event) == "analytics"
+            assert router.db_for_read(Item) == "default"
+
+    def test_use_primary_and_atomic_apply_to_groups(self, replica):
+        with use_primary():
+            assert router.db_for_read(Event) == "analytics"
+        with transaction.atomic(using="analytics"):
+            assert router.db_for_read(Event) == "analytics"
+            assert router.db_for_read(Item) == "replica"
+        assert router.db_for_read(Event) == "analytics_replica"
+
+    def test_rows_land_in_the_groups_database(self, replica_delay):
+        replica_delay(3000)
+        name = unique("event")
+        Event.objects.create(name=name)
+        assert list(Event.objects.values_list("name", flat=True)) == [name]
+        with connections["analytics"].cursor() as cursor:
+            cursor.execute("SELECT name FROM testapp_event")
+            assert cursor.fetchall() == [(name,)]
+        with connections["default"].cursor() as cursor:
+            cursor.execute("SELECT to_regclass('testapp_event')")
+            assert cursor.fetchone() == (
+                None,
+            )  # the table is not on the default primary
+        with routing_scope():
+            # A new scope reads the group's replica, which has not replayed yet.
+            assert router.db_for_read(Event) == "analytics_replica"
+            assert not Event.objects.filter(name=name).exists()
+        with routing_scope():
+            assert wait_until(lambda: Event.objects.filter(name=name).exists())
+
+    def test_group_failover(self):
+        settings = {
+            **SCALEKIT,
+            "GROUPS": {
+                "analytics": {
+                    "PRIMARY": "analytics",
+                    "REPLICAS": ["replica_closed"],
+                    "MODELS": ["testapp.Event"],
+                }
+            },
+        }
+        with override_settings(SCALEKIT=settings):
+            assert router.db_for_read(Event) == "analytics"
+            assert routers.is_down("replica_closed")
+
+    def test_route_read_and_route_write_for_other_routers(self, replica):
+        from django_scalekit import conf
+
+        group = conf.get().groups["analytics"]
+        assert routers.route_read(group) == "analytics_replica"
+        assert routers.route_write(group) == "analytics"
+        assert routers.route_read(group) == "analytics"
+        assert routers.current_scope().wrote
+
+
+def test_allow_migrate_places_each_groups_models():
+    assert router.allow_migrate("analytics", "testapp", "event") is True
+    assert router.allow_migrate("default", "testapp", "event") is False
+    assert router.allow_migrate("analytics", "testapp", "item") is False
+    assert router.allow_migrate("analytics_replica", "testapp", "event") is False
+    assert router.allow_migrate("analytics", "auth") is False
+
+
+def test_allow_relation_within_a_group_only():
+    item, event, replica_event = Item(), Event(), Event()
+    item._state.db, event._state.db, replica_event._state.db = (
+        "default",
+        "analytics",
+        "analytics_replica",
+    )
+    assert router.allow_relation(event, replica_event) is True
+    assert router.allow_relation(item, event) is False
+
+
+# --- Causal reads by WAL position (READ_YOUR_WRITES = "lsn") -----------------
+
+LSN = {**SCALEKIT, "READ_YOUR_WRITES": "lsn", "LSN_CHECK_SECONDS": 0.05}
+
+
+@pytest.mark.replica
+@pytest.mark.django_db(transaction=True, databases="__all__")
+class TestCausalReads:
+    @pytest.fixture(autouse=True)
+    def _lsn_mode(self, settings):
+        settings.SCALEKIT = LSN
+
+    def test_the_cookie_carries_the_primarys_position(self, replica):
+        response = Client().post("/items/", {"name": unique()})
+        pinned, lsns = routers.parse_pin(
+            read_pin(response.cookies["scalekit_pin"].value)
+        )
+        assert not pinned
+        assert lsns["default"] <= routers.primary_lsn("default")
+        assert lsns["default"] > 0
+
+    def test_write_then_read_in_one_request(self, replica_delay):
+        replica_delay(1000)
+        name = unique()
+        assert name in Client().get("/write-then-read/", {"name": name}).json()["names"]
+
+    def test_next_request_waits_for_the_replica_then_uses_it(self, replica_delay):
+        replica_delay(3000)
+        name = unique()
+        client = Client()
+        client.post("/items/", {"name": name})
+        body = client.get("/items/").json()
+        # The replica has not replayed the write: the primary answers.
+        assert body["read_from"] == "default" and name in body["names"]
+
+        # Once it has, the same (still pinned) client reads the replica again.
+        def served_by_replica():
+            body = client.get("/items/").json()
+            assert name in body["names"]  # never a stale read
+            return body["read_from"] == "replica"
+
+        assert wait_until(served_by_replica, timeout=10)
+
+    def test_without_lag_the_next_request_reads_the_replica(self, replica):
+        name = unique()
+        client = Client()
+        client.post("/items/", {"name": name})
+        # Time-based pinning would send this to the primary for 5 s.
+        assert wait_until(
+            lambda: client.get("/items/").json()["read_from"] == "replica", timeout=2
+        )
+        assert name in client.get("/items/").json()["names"]
+
+    def test_the_cookie_keeps_what_untouched_groups_required(self, replica):
+        scope = routers.Scope(False, {"default": 50, "analytics": 100})
+        token = routers._scope.set(scope)
+        try:
+            router.db_for_write(Item)  # writes the default group only
+            value = routers.pin_value(scope, routers.conf.get())
+        finally:
+            routers._scope.reset(token)
+        pinned, lsns = routers.parse_pin(value)
+        assert not pinned
+        assert lsns["analytics"] == 100
+        assert lsns["default"] > 50
+
+    def test_old_style_or_foreign_cookie_values_pin_to_the_primary(self):
+        assert routers.parse_pin("1") == (True, {})
+        assert routers.parse_pin("lsn:default=x") == (True, {})
+        assert routers.parse_pin("lsn:default=\u00b2") == (True, {})
+        assert routers.parse_pin("lsn:default=12,analytics=7") == (
+            False,
+            {"default": 12, "analytics": 7},
+        )
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+class TestMonotonicReads:
+    def test_failover_without_positions_moves_to_the_primary(self, replica):
+        with override_settings(
+            SCALEKIT={**SCALEKIT, "REPLICAS": ["replica", "replica_b"]}
+        ):
+            first = router.db_for_read(Item)
+            routers.mark_down(first, 30, "test")
+            assert router.db_for_read(Item) == "default"
+            assert router.db_for_read(Item) == "default"
+
+    def test_failover_with_positions_moves_to_a_replica_as_far_along(self, replica):
+        with override_settings(SCALEKIT={**LSN, "REPLICAS": ["replica", "replica_b"]}):
+            first = router.db_for_read(Item)
+            other = ({"replica", "replica_b"} - {first}).pop()
+            assert routers._position(first, routers.conf.get()) > 0  # sampled
+            routers.mark_down(first, 30, "test")
+            assert router.db_for_read(Item) == other
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+def test_a_replica_dropping_packets_costs_one_connect_timeout(replica, blackhole):
+    settings = {**SCALEKIT, "REPLICAS": {"replica_blackhole": 1000, "replica": 1}}
+    Item.objects.create(name="x")
+    latencies: dict[str, list[float]] = {"first": [], "later": []}
+    errors = []
+
+    def read(wave):
+        started = time.monotonic()
+        try:
+            with routing_scope():
+                assert list(Item.objects.values_list("name", flat=True)) == ["x"]
+        except Exception as exc:  # collected, asserted below
+            errors.append(exc)
+        finally:
+            latencies[wave].append(time.monotonic() - started)
+            connections.close_all()
+
+    with override_settings(SCALEKIT=settings):
+        first = [threading.Thread(target=read, args=("first",)) for _ in range(4)]
+        for t in first:
+            t.start()
+        # Once the first wave has been stuck connecting for a while (on a
+        # loaded machine its threads may take time to get there) ...
+        assert wait_until(lambda: "replica_blackhole" in routers._connecting, timeout=5)
+        time.sleep(0.4)
+        later = [threading.Thread(target=read, args=("later",)) for _ in range(16)]
+        for t in later:
+            t.start()
+        for t in first + later:
+            t.join()
+        assert routers.is_down("replica_blackhole")
+        started = time.monotonic()
+        for _ in range(20):
+            read("later")
+        after = (time.monotonic() - started) / 20
+    assert errors == []
+    # connect_timeout is 2 s: the first wave waits for it once, in parallel.
+    assert max(latencies["first"]) < 2 + 1.5
+    # Threads arriving while it hangs do not queue behind it.
+    assert max(latencies["later"]) < 1.5
+    assert after < 0.3
+
+
+# --- Metrics -------------------------------------------------------------------
+
+
+def routed(alias: str, reason: str) -> float:
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value(
+        "scalekit_router_queries_total", {"alias": alias, "reason": reason}
+    )
+    return value or 0.0
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+class TestMetrics:
+    def test_queries_are_counted_per_alias_and_reason_when_the_scope_ends(
+        self, replica
+    ):
+        before = {
+            key: routed(*key)
+            for key in [
+                ("replica", "read"),
+                ("default", "write"),
+                ("default", "pinned"),
+                ("default", "in-transaction"),
+            ]
+        }
+        with routing_scope():
+            list(Item.objects.all())
+            list(Item.objects.all())
+            with transaction.atomic():
+                list(Item.objects.all())
+            Item.objects.create(name="x")
+            list(Item.objects.all())
+            # Not yet exported: counted in the scope, added when it ends.
+            assert routed("replica", "read") == before["replica", "read"]
+        assert routed("replica", "read") - before["replica", "read"] == 2
+        assert (
+            routed("default", "in-transaction") - before["default", "in-transaction"]
+            == 1
+        )
+        assert routed("default", "write") - before["default", "write"] >= 1
+        assert routed("default", "pinned") - before["default", "pinned"] == 1
+
+    def test_failover_and_out_of_rotation(self):
+        from prometheus_client import REGISTRY
+
+        before = routed("default", "replica-failover")
+        gauge = ("scalekit_router_replica_out_of_rotation", {"alias": "replica_closed"})
+        with override_settings(SCALEKIT={**SCALEKIT, "REPLICAS": ["replica_closed"]}):
+            with routing_scope():
+                router.db_for_read(Item)
+            assert REGISTRY.get_sample_value(*gauge) == 1
+        # A settings change puts every replica back in rotation.
+        assert REGISTRY.get_sample_value(*gauge) == 0
+        assert routed("default", "replica-failover") - before == 1
+
+    @override_settings(SCALEKIT={**SCALEKIT, "METRICS": {"ROUTING": False}})
+    def test_routing_metrics_can_be_turned_off(self, replica):
+        before = routed("replica", "read")
+        with routing_scope() as scope:
+            router.db_for_read(Item)
+            assert scope.tally is None
+        assert routed("replica", "read") == before

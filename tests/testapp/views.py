@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from asgiref.sync import sync_to_async
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from django_scalekit.routers import PrimaryReplicaRouter
+
+from .models import Item
+
+_router = PrimaryReplicaRouter()
+
+
+def _payload() -> dict[str, object]:
+    return {
+        "names": sorted(Item.objects.values_list("name", flat=True)),
+        "read_from": _router.db_for_read(Item),
+    }
+
+
+@csrf_exempt
+def items(request: HttpRequest) -> JsonResponse:
+    """GET lists item names; POST creates one (a write, then a redirect-style read)."""
+    if request.method == "POST":
+        Item.objects.create(name=request.POST["name"])
+    return JsonResponse(_payload())
+
+
+def write_then_read(request: HttpRequest) -> JsonResponse:
+    """Write and read in one request: the read must see the write."""
+    Item.objects.create(name=request.GET["name"])
+    return JsonResponse(_payload())
+
+
+def write_then_stream(request: HttpRequest) -> StreamingHttpResponse:
+    """Write, then stream a queryset: its query runs while the body is read."""
+    Item.objects.create(name=request.GET["name"])
+
+    def rows():  # type: ignore[no-untyped-def]
+        for name in Item.objects.values_list("name", flat=True):
+            yield name + "\n"
+        yield "read_from=" + _router.db_for_read(Item) + "\n"
+
+    return StreamingHttpResponse(rows())
+
+
+def write_then_fail(request: HttpRequest) -> JsonResponse:
+    """A request that writes, pinning its scope, and then fails."""
+    Item.objects.create(name="doomed")
+    raise RuntimeError("the view failed after writing")
+
+
+async def async_items(request: HttpRequest) -> JsonResponse:
+    names = sorted([name async for name in Item.objects.values_list("name", flat=True)])
+    read_from = await sync_to_async(_router.db_for_read)(Item)
+    return JsonResponse({"names": names, "read_from": read_from})
+
+
+async def async_write_then_read(request: HttpRequest) -> JsonResponse:
+    await Item.objects.acreate(name=request.GET["name"])
+    names = sorted([name async for name in Item.objects.values_list("name", flat=True)])
+    return JsonResponse({"names": names})
+
+
+def sync_only_middleware(get_response):  # type: ignore[no-untyped-def]
+    """A plain sync middleware, as many projects have around the library's."""
+
+    def middleware(request: HttpRequest) -> HttpResponse:
+        return get_response(request)  # type: ignore[no-any-return]
+
+    return middleware
