@@ -127,6 +127,9 @@ class Settings:
     routing_metrics: bool = False
     #: READ_YOUR_WRITES == "lsn": causal reads by WAL position.
     lsn_mode: bool = False
+    #: No GROUPS and time-based read-your-writes: a write only pins the
+    #: scope (db_for_write's fast path).
+    simple_writes: bool = True
     lsn_check_seconds: float = 0.2
     pinning_cookie_name: str = "scalekit_pin"
     pinning_cookie_secure: bool = False
@@ -359,6 +362,7 @@ def build(raw: object = None) -> Settings:
         pinning_seconds=pinning if pinning is not None else 5.0,
         routing_metrics=_routing_metrics(b, sections["METRICS"]),
         lsn_mode=mode == "lsn",
+        simple_writes=not groups and mode != "lsn",
         lsn_check_seconds=lsn_check if lsn_check is not None else 0.2,
         pinning_cookie_name=cookie_name,
         pinning_cookie_secure=secure,

@@ -118,6 +118,7 @@ class Scope(_GroupState):
     __slots__ = (
         "_cookie_lsns",
         "_groups",
+        "fast",
         "n_pinned",
         "n_read",
         "n_transaction",
@@ -150,6 +151,13 @@ class Scope(_GroupState):
         # ``self.replica``, and pinned, in-transaction and write queries on
         # the primary.
         self.n_read = self.n_pinned = self.n_transaction = self.n_write = 0
+        #: (thread id, that thread's primary connection, replica) while reads
+        #: of the default group go to ``replica`` with nothing else to decide:
+        #: db_for_read's fast path. Anything that changes the decision (a
+        #: write, a failover, a settings change) sets it back to None.
+        #: The fourth item is _STEADY, _PINNED, or _WROTE (pinned by a write
+        #: of this scope: db_for_write then has nothing to record).
+        self.fast: tuple[int, Any, str, int] | None = None
 
     def retire_reads(self) -> None:
         """Move the reads counted for the current replica into the tally
@@ -204,6 +212,16 @@ def _written(state: _GroupState, primary: str, cfg: conf.Settings) -> None:
     else:
         state.pinned = True
 
+
+class _NoTransaction:
+    """Stands for the primary's connection in a pinned scope's fast path."""
+
+    in_atomic_block = False
+
+
+_NO_TRANSACTION = _NoTransaction()
+# Scope.fast states.
+_STEADY, _PINNED, _WROTE = 0, 1, 2
 
 _scope: ContextVar[Scope | None] = ContextVar("scalekit_scope", default=None)
 _forced: ContextVar[bool] = ContextVar("scalekit_forced", default=False)
@@ -444,6 +462,12 @@ def reset_replica_state() -> None:
     _lag_samples.clear()
     _lagging.clear()
     _positions.clear()
+    # A scope that outlives a settings change (a test's override_settings)
+    # must decide again. Scopes of other threads are not reachable from here;
+    # settings change at run time only in tests, which route in this thread.
+    scope = _scope.get()
+    if scope is not None:
+        scope.fast = None
 
 
 def mark_down(alias: str, seconds: float | None = None, reason: str = "") -> None:
@@ -800,6 +824,7 @@ def route_write(group: conf.ReplicaGroup) -> str:
     cfg = conf._settings or conf.get()
     scope = _scope.get() or current_scope()
     scope.wrote = True
+    scope.fast = None
     _written(scope.group(group.name), group.primary, cfg)
     return _count(scope, group.primary, WRITE)
 
@@ -821,21 +846,55 @@ class PrimaryReplicaRouter:
     # prepared state (see benchmarks/bench_router.py).
 
     def db_for_read(self, model: type[Model], **hints: Any) -> str | None:
+        scope = _scope.get()
+        if scope is not None:
+            # The steady state of a request: same thread, same replica, not in
+            # an atomic block, no use_primary(), no replica newly down.
+            fast = scope.fast
+            if fast is not None:
+                if fast[3]:
+                    # Pinned: the primary, whatever the thread or transaction.
+                    if scope.tally is not None:
+                        scope.n_pinned += 1
+                    return fast[2]
+                if (
+                    fast[0] == get_ident()
+                    and not fast[1].in_atomic_block
+                    and not _down_until
+                    and not _forced.get()
+                ):
+                    if scope.tally is not None:
+                        scope.n_read += 1
+                    return fast[2]
+        return self._read_slow(model, scope or current_scope())
+
+    def _read_slow(self, model: type[Model], scope: Scope) -> str:
         cfg = conf._settings or conf.get()
-        scope = _scope.get() or current_scope()
+        scope.fast = None
         if cfg.groups:
             group = group_of(model, cfg)
             return _read(scope.group(group.name), scope, group, cfg)
         # _read(scope, scope, cfg.default_group, cfg), inlined: one call less
         # per query (the scope is the default group's state). Counting is in
         # integers on the scope; Scope.flush() labels them.
-        if scope.pinned or _forced.get():
+        if scope.pinned:
+            # Pinned for the rest of the scope, whatever the thread.
+            scope.fast = (
+                0,
+                _NO_TRANSACTION,
+                cfg.primary,
+                _WROTE if scope.wrote and cfg.simple_writes else _PINNED,
+            )
+            scope.n_pinned += 1
+            return cfg.primary
+        if _forced.get():
             scope.n_pinned += 1
             return cfg.primary
         if not cfg.replicas:
             return _count(scope, cfg.primary, READ)
         cached = scope._conn
-        if cached[0] is cfg and cached[1] == get_ident():
+        ident = get_ident()
+        if cached[0] is cfg and cached[1] == ident:
             primary = cached[2]
         else:
             primary = scope.primary_connection(cfg, cfg.primary)
@@ -846,28 +905,43 @@ class PrimaryReplicaRouter:
             alias = _read_causal(scope, cfg.default_group, cfg)
             return _count(scope, alias, READ if alias != cfg.primary else PINNED)
         replica = scope.replica
-        if replica is not None and not (_down_until and is_down(replica)):
-            scope.n_read += 1
-            return replica
-        scope.retire_reads()
-        alias = _choose_for_scope(scope, cfg.default_group, cfg)
-        if alias != cfg.primary:
-            scope.n_read += 1
-            return alias
-        return _count(scope, alias, _fallback_reason(cfg.default_group))
+        if replica is None or (_down_until and is_down(replica)):
+            scope.retire_reads()
+            replica = _choose_for_scope(scope, cfg.default_group, cfg)
+            if replica == cfg.primary:
+                return _count(scope, replica, _fallback_reason(cfg.default_group))
+        if scope._conn[2] is primary and not scope.causal and not scope.pinned:
+            # The primary's connection is cached for this thread (not an event
+            # loop): later reads may take the fast path.
+            scope.fast = (ident, primary, replica, _STEADY)
+        scope.n_read += 1
+        return replica
 
     def db_for_write(self, model: type[Model], **hints: Any) -> str | None:
+        scope = _scope.get()
+        if scope is not None:
+            fast = scope.fast
+            if fast is not None and fast[3] is _WROTE:
+                if scope.tally is not None:
+                    scope.n_write += 1
+                return fast[2]
+        else:
+            scope = current_scope()
         cfg = conf._settings or conf.get()
-        scope = _scope.get() or current_scope()
         scope.wrote = True
+        if cfg.simple_writes:
+            scope.pinned = True
+            # Later reads and writes of the scope only look this up.
+            scope.fast = (0, _NO_TRANSACTION, cfg.primary, _WROTE)
+            if scope.tally is not None:
+                scope.n_write += 1
+            return cfg.primary
+        scope.fast = None
         if cfg.groups:
             group = group_of(model, cfg)
             _written(scope.group(group.name), group.primary, cfg)
             return _count(scope, group.primary, WRITE)
-        if cfg.lsn_mode:
-            _written(scope, cfg.primary, cfg)
-        else:
-            scope.pinned = True
+        _written(scope, cfg.primary, cfg)
         scope.n_write += 1
         return cfg.primary
 

@@ -33,7 +33,19 @@ def unique(prefix: str = "item") -> str:
 # --- Routing decisions ------------------------------------------------------
 
 
+@pytest.fixture(params=["with GROUPS", "without GROUPS"])
+def either_settings(request):
+    """The test settings (which have GROUPS), and the plain primary/replica
+    setup, whose default-group reads take the router's fast path."""
+    if request.param == "with GROUPS":
+        yield
+    else:
+        with override_settings(SCALEKIT=SCALEKIT):
+            yield
+
+
 @pytest.mark.django_db(transaction=True, databases="__all__")
+@pytest.mark.usefixtures("either_settings")
 class TestDecisions:
     def test_reads_go_to_a_replica(self, replica):
         assert router.db_for_read(Item) == "replica"
@@ -190,6 +202,75 @@ class TestDecisions:
     def test_no_replicas_means_reads_go_to_the_primary(self):
         with override_settings(SCALEKIT={"REPLICAS": []}):
             assert router.db_for_read(Item) == "default"
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+class TestSteadyState:
+    """After a scope's first read, reads only look up prepared state
+    (``Scope.fast``): each change below must still change the decision."""
+
+    @pytest.fixture(autouse=True)
+    def steady(self, replica):
+        with override_settings(SCALEKIT=SCALEKIT), routing_scope() as scope:
+            assert router.db_for_read(Item) == "replica"
+            assert scope.fast is not None
+            yield scope
+
+    def test_steady_reads_stay_on_the_replica(self, steady):
+        assert [router.db_for_read(Item) for _ in range(3)] == ["replica"] * 3
+
+    def test_atomic_on_the_primary(self, steady):
+        with transaction.atomic():
+            assert router.db_for_read(Item) == "default"
+        assert router.db_for_read(Item) == "replica"
+
+    def test_use_primary(self, steady):
+        with use_primary():
+            assert router.db_for_read(Item) == "default"
+        assert router.db_for_read(Item) == "replica"
+
+    def test_a_write_pins_the_rest_of_the_scope(self, steady):
+        assert router.db_for_write(Item) == "default"
+        assert router.db_for_read(Item) == "default"
+        assert router.db_for_write(Item) == "default"
+        with transaction.atomic():
+            assert router.db_for_read(Item) == "default"
+        assert router.db_for_read(Item) == "default"
+        assert steady.wrote and steady.pinned
+
+    def test_the_replica_taken_out_of_rotation(self, steady):
+        routers.mark_down("replica", seconds=30)
+        assert router.db_for_read(Item) == "default"
+
+    def test_a_settings_change_decides_again(self, steady):
+        with override_settings(SCALEKIT={**SCALEKIT, "REPLICAS": []}):
+            assert router.db_for_read(Item) == "default"
+
+    def test_another_thread_sharing_the_scope_decides_for_itself(self, steady):
+        context = contextvars.copy_context()
+        seen = []
+
+        def in_other_thread():
+            with transaction.atomic():
+                seen.append(router.db_for_read(Item))
+            seen.append(router.db_for_read(Item))
+            connections.close_all()
+
+        with transaction.atomic():
+            thread = threading.Thread(target=context.run, args=(in_other_thread,))
+            thread.start()
+            thread.join()
+        assert seen == ["default", "replica"]
+        assert router.db_for_read(Item) == "replica"
+
+    def test_a_write_in_another_thread_sharing_the_scope_pins_it(self, steady):
+        context = contextvars.copy_context()
+        thread = threading.Thread(
+            target=context.run, args=(lambda: router.db_for_write(Item),)
+        )
+        thread.start()
+        thread.join()
+        assert router.db_for_read(Item) == "default"
 
 
 def test_allow_relation():
