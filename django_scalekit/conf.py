@@ -44,6 +44,11 @@ DEFAULTS: dict[str, tuple[object, str]] = {
         15.0,
         "A replica that fails to connect is left out of rotation for this long.",
     ),
+    "RETRY_ON_REPLICA_FAILURE": (
+        True,
+        "When a replica fails mid-query in a GET/HEAD request that wrote nothing, "
+        "run the view once more, reading elsewhere.",
+    ),
     "REPLICA_MAX_LAG_SECONDS": (
         None,
         "Skip PostgreSQL replicas whose replication lag exceeds this; None disables.",
@@ -134,6 +139,7 @@ class Settings:
     pinning_cookie_name: str = "scalekit_pin"
     pinning_cookie_secure: bool = False
     replica_retry_seconds: float = 15.0
+    retry_on_replica_failure: bool = True
     replica_max_lag_seconds: float | None = None
     replica_lag_check_seconds: float = 5.0
     #: Raw sub-dicts of pieces that have no typed settings yet.
@@ -330,6 +336,16 @@ def build(raw: object = None) -> Settings:
         )
         secure = False
 
+    retry_requests = raw.get("RETRY_ON_REPLICA_FAILURE", True)
+    if not isinstance(retry_requests, bool):
+        b.error(
+            "scalekit.E020",
+            f'SCALEKIT["RETRY_ON_REPLICA_FAILURE"] is {retry_requests!r}; '
+            "expected True or False.",
+            "True re-runs a read-only request's view once when its replica fails.",
+        )
+        retry_requests = True
+
     sections: dict[str, Mapping[str, Any]] = {}
     for name in SUBSECTIONS:
         value = raw.get(name, {})
@@ -367,6 +383,7 @@ def build(raw: object = None) -> Settings:
         pinning_cookie_name=cookie_name,
         pinning_cookie_secure=secure,
         replica_retry_seconds=retry if retry is not None else 15.0,
+        retry_on_replica_failure=retry_requests,
         replica_max_lag_seconds=max_lag,
         replica_lag_check_seconds=lag_check if lag_check is not None else 5.0,
         sections=sections,

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from asgiref.sync import (
+    async_to_sync,
+    iscoroutinefunction,
+    markcoroutinefunction,
+    sync_to_async,
+)
+from django.conf import settings
+from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponseBase
 
 from django_scalekit import cdn, conf, health, routers
 
+logger = logging.getLogger("django_scalekit.routers")
+
 _UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_RETRYABLE_METHODS = frozenset({"GET", "HEAD"})
 _PIN_SALT = "django_scalekit.pinning"
 
 
@@ -81,6 +93,56 @@ class PinningMiddleware(_Middleware):
             await sync_to_async(self._pin)(request, response, scope)
         else:
             self._pin(request, response, scope)
+        return response  # type: ignore[no-any-return]
+
+    def process_exception(
+        self, request: HttpRequest, exception: Exception
+    ) -> HttpResponseBase | None:
+        """Run the view once more when a replica failed under a read-only request.
+
+        A query already running on a replica that goes away (restarted,
+        failed over, its connection cut) fails with it; routing can only move
+        the next query. A GET or HEAD that wrote nothing can safely run again:
+        the failed replica leaves rotation and the second run reads from
+        another replica at least as far along, or from the primary
+        (``SCALEKIT["RETRY_ON_REPLICA_FAILURE"]``).
+        """
+        if not isinstance(exception, (OperationalError, InterfaceError)):
+            return None
+        match = request.resolver_match
+        if (
+            request.method not in _RETRYABLE_METHODS
+            or match is None
+            or getattr(request, "_scalekit_retried", False)
+            or not conf.get().retry_on_replica_failure
+            # The handler wraps such views in atomic(); a second run here would not be.
+            or any(db.get("ATOMIC_REQUESTS") for db in settings.DATABASES.values())
+        ):
+            return None
+        scope = routers.current_scope()
+        if scope.wrote:
+            return None
+        failed = routers.fail_over(scope)
+        if not failed:
+            return None
+        request._scalekit_retried = True  # type: ignore[attr-defined]
+        logger.warning(
+            "%s %s: replica %s failed mid-query (%s); running the view again "
+            "without it.",
+            request.method,
+            request.path,
+            ", ".join(repr(alias) for alias in failed),
+            type(exception).__name__,
+        )
+        response = match.func(request, *match.args, **match.kwargs)
+        if inspect.isawaitable(response):
+            # process_exception runs in a worker thread under ASGI.
+            response = async_to_sync(_awaited)(response)
+        render = getattr(response, "render", None)
+        if callable(render):
+            # An exception raised while rendering comes here too, after which
+            # the handler does not render again.
+            response = render()
         return response  # type: ignore[no-any-return]
 
     def _pin_from(self, request: HttpRequest) -> tuple[bool, dict[str, int]]:
@@ -167,3 +229,7 @@ class HealthCheckMiddleware(_Middleware):
             # The checks block (threads, a deadline): keep them off the loop.
             return await sync_to_async(view, thread_sensitive=False)(request)
         return await self.get_response(request)  # type: ignore[misc, no-any-return]
+
+
+async def _awaited(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable

@@ -470,6 +470,34 @@ def reset_replica_state() -> None:
         scope.fast = None
 
 
+def fail_over(scope: Scope) -> list[str]:
+    """Take out of rotation the replicas whose connection failed in this scope.
+
+    For a request whose query failed on a replica (the server went away
+    mid-query, which no routing decision can prevent): each failed replica's
+    connection in this thread is closed and the replica leaves rotation, and
+    the scope's next reads go to a replica at least as far along, or to the
+    primary (monotonic reads). Returns the aliases taken out.
+    """
+    failed = []
+    for _name, state in scope.states():
+        alias = state.replica
+        if alias is None:
+            continue
+        connection = _connection(alias)
+        # errors_occurred: Django saw a DatabaseError (not a Data or Integrity
+        # error) on this connection since it opened; still open: in this scope.
+        if connection.connection is None or not connection.errors_occurred:
+            continue
+        with suppress(DatabaseError):
+            connection.close()
+        mark_down(alias, reason="a query failed on it")
+        failed.append(alias)
+    if failed:
+        scope.fast = None
+    return failed
+
+
 def mark_down(alias: str, seconds: float | None = None, reason: str = "") -> None:
     """Take ``alias`` out of rotation for ``seconds`` (default REPLICA_RETRY_SECONDS)."""
     if seconds is None:

@@ -65,6 +65,7 @@ def test_replica_mapping_keeps_weights():
         ({"READ_YOUR_WRITES": "lsn"}, []),
         ({"READ_YOUR_WRITES": "causal"}, ["scalekit.E018"]),
         ({"LSN_CHECK_SECONDS": 0}, ["scalekit.E019"]),
+        ({"RETRY_ON_REPLICA_FAILURE": "yes"}, ["scalekit.E020"]),
     ],
 )
 def test_problems(value, expected):

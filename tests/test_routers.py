@@ -273,6 +273,42 @@ class TestSteadyState:
         assert router.db_for_read(Item) == "default"
 
 
+@pytest.mark.django_db(transaction=True, databases="__all__")
+@pytest.mark.usefixtures("either_settings")
+class TestRetryOnReplicaFailure:
+    """A query running on a replica when its connection dies fails; a GET that
+    wrote nothing runs again, reading elsewhere (RETRY_ON_REPLICA_FAILURE)."""
+
+    def test_a_read_only_request_is_run_again_off_the_replica(self, replica, caplog):
+        response = Client(raise_request_exception=False).get("/replica-dies/")
+        assert response.status_code == 200
+        body = response.json()
+        assert body["first_read_from"] == "default"  # the second run's
+        assert body["read_from"] == "default"
+        assert body["runs"] == 2
+        assert routers.is_down("replica")
+        assert "replica 'replica' failed mid-query" in caplog.text
+
+    def test_it_can_be_turned_off(self, replica):
+        with override_settings(
+            SCALEKIT={**SCALEKIT, "RETRY_ON_REPLICA_FAILURE": False}
+        ):
+            response = Client(raise_request_exception=False).get("/replica-dies/")
+        assert response.status_code == 500
+
+    def test_unsafe_methods_are_not_run_again(self, replica):
+        response = Client(raise_request_exception=False).post("/replica-dies/")
+        assert response.status_code == 500
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+def test_a_request_that_wrote_is_not_run_again(replica):
+    # The write goes to another group (analytics), so the default group's
+    # reads still use the replica, and fail there after the write.
+    response = Client(raise_request_exception=False).get("/replica-dies/?write=1")
+    assert response.status_code == 500
+
+
 def test_allow_relation():
     a, b, other = Item(), Item(), Item()
     a._state.db, b._state.db, other._state.db = "default", "replica", "elsewhere"

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import psycopg
 from asgiref.sync import sync_to_async
+from django.db import connections
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from django_scalekit.routers import PrimaryReplicaRouter
 
-from .models import Item
+from .models import Event, Item
 
 _router = PrimaryReplicaRouter()
 
@@ -69,3 +71,34 @@ def sync_only_middleware(get_response):  # type: ignore[no-untyped-def]
         return get_response(request)  # type: ignore[no-any-return]
 
     return middleware
+
+
+def _cut_replica_connection() -> None:
+    """Terminate this thread's replica backend from another session, as a
+    replica restart or failover does to queries running on it."""
+    pid = connections["replica"].connection.info.backend_pid
+    params = connections["replica"].get_connection_params()
+    with psycopg.connect(
+        host=params["host"],
+        port=params["port"],
+        dbname=params["dbname"],
+        user=params["user"],
+        autocommit=True,
+    ) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+
+@csrf_exempt
+def replica_dies_mid_request(request: HttpRequest) -> JsonResponse:
+    """Read, lose the replica's connection, read again (the second read fails
+    on the replica). ``?write=1`` writes an Event first; the run count is in the reply."""
+    request.runs = getattr(request, "runs", 0) + 1
+    if request.GET.get("write"):
+        Event.objects.create(name="written-before-the-failure")
+    first = _payload()
+    if first["read_from"] == "replica":
+        _cut_replica_connection()
+    second = _payload()
+    return JsonResponse(
+        {**second, "first_read_from": first["read_from"], "runs": request.runs}
+    )
