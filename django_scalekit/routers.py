@@ -880,20 +880,21 @@ class PrimaryReplicaRouter:
             # an atomic block, no use_primary(), no replica newly down.
             fast = scope.fast
             if fast is not None:
-                if fast[3]:
+                thread, primary, alias, state = fast
+                if state:
                     # Pinned: the primary, whatever the thread or transaction.
                     if scope.tally is not None:
                         scope.n_pinned += 1
-                    return fast[2]
+                    return alias
                 if (
-                    fast[0] == get_ident()
-                    and not fast[1].in_atomic_block
+                    thread == get_ident()
+                    and not primary.in_atomic_block
                     and not _down_until
                     and not _forced.get()
                 ):
                     if scope.tally is not None:
                         scope.n_read += 1
-                    return fast[2]
+                    return alias
         return self._read_slow(model, scope or current_scope())
 
     def _read_slow(self, model: type[Model], scope: Scope) -> str:
