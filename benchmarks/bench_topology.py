@@ -26,7 +26,9 @@ import contextlib
 import http.cookiejar
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -66,6 +68,8 @@ class Result:
     p99_ms: float
     max_ms: float
     failed: int
+    #: What the failures were, as wrk counts them (e.g. "non-2xx 1").
+    failures: str = ""
 
 
 def _ms(text: str) -> float:
@@ -96,15 +100,19 @@ def wrk(url: str, duration: float, connections: int, threads: int) -> Result:
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if not (latency and p99 and requests and rps):
         raise RuntimeError(f"cannot parse wrk output:\n{out}")
-    failed = 0
+    counts: dict[str, int] = {}
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if non2xx:
-        failed += int(non2xx.group(1))
+        counts["non-2xx/3xx"] = int(non2xx.group(1))
     errors = re.search(
         r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
     )
     if errors:
-        failed += sum(int(n) for n in errors.groups())
+        for kind, n in zip(
+            ("connect", "read", "write", "timeout"), errors.groups(), strict=True
+        ):
+            counts[kind] = int(n)
+    failed = sum(counts.values())
     return Result(
         label=url,
         requests=int(requests.group(1)),
@@ -113,6 +121,7 @@ def wrk(url: str, duration: float, connections: int, threads: int) -> Result:
         p99_ms=_ms(p99.group(1)),
         max_ms=_ms(latency.group(2)),
         failed=failed,
+        failures=", ".join(f"{kind} {n}" for kind, n in counts.items() if n),
     )
 
 
@@ -343,6 +352,102 @@ def primary_unreachable() -> list[tuple[str, str, int, float, str]]:
     return rows
 
 
+@dataclass
+class PrimaryOutage:
+    load: Result
+    #: Seconds from the stop until HAProxy had no instance UP, and from the
+    #: restart until it had one again (None: never seen).
+    out_after: float | None
+    back_after: float | None
+    #: /health/ of each instance, polled directly during the outage.
+    probe_statuses: dict[int, int]
+    probe_worst_ms: float
+    body: str
+
+
+def _servers_up() -> int:
+    """Instances HAProxy has UP, from its stats socket."""
+
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(RUN / "haproxy" / "haproxy.sock"))
+        sock.sendall(b"show stat\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    rows = [line.split(",") for line in data.decode().splitlines()]
+    header = rows[0]
+    name, status = header.index("svname"), header.index("status")
+    return sum(
+        1
+        for row in rows[1:]
+        if len(row) > status
+        and row[name] not in ("FRONTEND", "BACKEND")
+        and row[status].startswith("UP")
+    )
+
+
+def primary_stopped_behind_haproxy(
+    duration: float, connections: int, threads: int
+) -> PrimaryOutage:
+    """Stop the primary for every instance at once (``topology primary-stop``)
+    under load through HAProxy: readiness must fail fast on every instance, so
+    HAProxy answers at once instead of queueing, and recover on restart."""
+    statuses: dict[int, int] = {}
+    worst = 0.0
+    body = ""
+    marks: dict[str, float] = {}
+    done = threading.Event()
+    apps = int((RUN / "apps").read_text()) if (RUN / "apps").exists() else 2
+
+    def poll() -> None:
+        nonlocal worst, body
+        while not done.is_set():
+            now = time.monotonic()
+            up = _servers_up()
+            if "stop" in marks and "start" not in marks:
+                if up == 0:
+                    marks.setdefault("out", now)
+                for n in range(1, apps + 1):
+                    status, ms, text = _timed(
+                        f"http://127.0.0.1:{8100 + n}/health/", timeout=10
+                    )
+                    statuses[status] = statuses.get(status, 0) + 1
+                    worst = max(worst, ms)
+                    body = body or text
+            if "start" in marks and up > 0:
+                marks.setdefault("back", now)
+            time.sleep(0.1)
+
+    def inject() -> None:
+        time.sleep(duration * 0.25)
+        marks["stop"] = time.monotonic()
+        topology("primary-stop")
+        time.sleep(duration * 0.35)
+        marks["start"] = time.monotonic()
+        topology("primary-start")
+
+    poller = threading.Thread(target=poll)
+    injector = threading.Thread(target=inject)
+    poller.start()
+    injector.start()
+    try:
+        load = wrk(f"{HAPROXY}/catalog/", duration, connections, threads)
+    finally:
+        injector.join()
+        time.sleep(2)
+        done.set()
+        poller.join()
+    load.label = "primary stopped (its endpoint, for every instance), then restarted"
+    return PrimaryOutage(
+        load=load,
+        out_after=marks["out"] - marks["stop"] if "out" in marks else None,
+        back_after=marks["back"] - marks["start"] if "back" in marks else None,
+        probe_statuses=statuses,
+        probe_worst_ms=worst,
+        body=body[:400],
+    )
+
+
 # --- read-your-writes under load ----------------------------------------------------
 
 _ORDER_ROW = re.compile(
@@ -481,10 +586,22 @@ def read_your_writes(
     return results
 
 
+def ensure_wrk() -> None:
+    """wrk is the load generator: install Debian's package when missing (as root)."""
+    if shutil.which("wrk"):
+        return
+    if os.geteuid() != 0:
+        sys.exit("wrk is not installed: run `sudo apt-get install wrk`, then again")
+    print("bench_topology: installing wrk (apt-get)", flush=True)
+    for command in (["apt-get", "update"], ["apt-get", "install", "-y", "wrk"]):
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--only", choices=["throughput", "faults", "scaling", "primary", "ryw"]
+        "--only",
+        choices=["throughput", "faults", "scaling", "primary", "primary-lb", "ryw"],
     )
     parser.add_argument("--customers", type=int, default=8)
     parser.add_argument("--orders-per-customer", type=int, default=25)
@@ -496,6 +613,7 @@ def main() -> None:
     args = parser.parse_args()
     if _get(f"{HAPROXY}/health/") != 200:
         sys.exit("the topology is not answering on :8100: run scripts/topology up")
+    ensure_wrk()
 
     if args.only in (None, "throughput"):
         results = throughput(args.duration, args.connections, args.threads)
@@ -536,6 +654,37 @@ def main() -> None:
             body = body.replace("|", "\\|").replace("\n", " ")
             print(f"| {label} | {what} | {status} | {ms:.0f} | `{body}` |")
 
+    if args.only in (None, "primary-lb"):
+        outage = primary_stopped_behind_haproxy(
+            args.fault_duration, args.connections, args.threads
+        )
+        _wait_healthy()
+        r = outage.load
+
+        def secs(value: float | None) -> str:
+            return "never" if value is None else f"{value:.1f} s"
+
+        print(
+            f"\nwrk -t{args.threads} -c{args.connections} -d{args.fault_duration:g}s "
+            "on /catalog/ through HAProxy; the primary's endpoint stopped at "
+            f"{args.fault_duration * 0.25:.0f} s for {args.fault_duration * 0.35:.0f} s\n"
+        )
+        print(
+            "| requests | failed | worst ms | p99 ms | HAProxy: none UP after "
+            "| one UP again after | /health/ during | /health/ worst ms |"
+        )
+        print("| ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
+        probes = ", ".join(
+            f"{n} x {s}" for s, n in sorted(outage.probe_statuses.items())
+        )
+        failures = f" ({r.failures})" if r.failures else ""
+        print(
+            f"| {r.requests:,} | {r.failed}{failures} | {r.max_ms:.0f} | {r.p99_ms:.1f} "
+            f"| {secs(outage.out_after)} | {secs(outage.back_after)} | {probes} "
+            f"| {outage.probe_worst_ms:.0f} |"
+        )
+        print(f"\n/health/ body during the outage: {outage.body}")
+
     if args.only in (None, "ryw"):
         total = args.customers * args.orders_per_customer
         ryw = read_your_writes(
@@ -572,7 +721,8 @@ def main() -> None:
         for fault, r, notes in rows:
             path = fault.url.removeprefix(HAPROXY)
             print(
-                f"| {r.label} | `{path}` | {r.requests:,} | {r.failed} "
+                f"| {r.label} | `{path}` | {r.requests:,} "
+                f"| {r.failed}{f' ({r.failures})' if r.failures else ''} "
                 f"| {r.max_ms:.0f} | {r.p99_ms:.1f} | {notes} |"
             )
 
