@@ -26,6 +26,9 @@ Any L2 error opens a circuit breaker: for ``CIRCUIT_RETRY_SECONDS`` no call
 touches L2 (values come from L1 or are computed), one WARNING is logged per
 outage, then a single call probes L2 again.
 
+L2 is one Redis, a Sentinel-managed master (django-redis ``SentinelClient``)
+or a Redis Cluster (``django_scalekit.cluster.RedisClusterClient``).
+
 L2 values are the project's own, pickled by the cache backend (django-redis's
 default serializer); nothing else is ever unpickled: invalidation messages
 carry plain key strings.
@@ -422,6 +425,25 @@ return 1
 """
 
 
+class _Script:
+    """A Lua script run by its SHA1 (EVALSHA), loaded again on NOSCRIPT.
+
+    No client is needed to make one: a cluster client may not exist yet."""
+
+    __slots__ = ("text", "sha")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+
+
+_READ_OR_LOCK_SCRIPT = _Script(_READ_OR_LOCK)
+_LOCK_SCRIPT = _Script(_LOCK)
+_WRITE_SCRIPT = _Script(_WRITE_AND_RELEASE)
+_INVALIDATE_SCRIPT = _Script(_INVALIDATE)
+_RELEASE_SCRIPT = _Script(_RELEASE)
+
+
 class Unstorable(TypeError):
     """A value the L2 serializer cannot encode (e.g. it holds a lock or a socket)."""
 
@@ -453,55 +475,83 @@ def _log_undecodable(alias: str, key: str, exc: BaseException) -> None:
 
 
 class RedisL2:
-    """L2 on a django-redis cache: raw redis-py client for scripts and pub/sub."""
+    """L2 on a django-redis cache: raw redis-py client for scripts and pub/sub.
+
+    The client may be a single server's, a Sentinel-managed master's
+    (django-redis ``SentinelClient``) or a cluster's
+    (:class:`django_scalekit.cluster.RedisClusterClient`). On a cluster every
+    key a script touches must be in one slot, so keys are wrapped in a hash
+    tag: ``{<made key>}``, ``{<made key>}:lock``, ``:gen``, ``:inv``.
+    """
 
     pubsub = True
     #: How long ``key:inv`` lives: the store's PRIMARY_AFTER_INVALIDATE_SECONDS.
     primary_ms = 0
 
     def __init__(self, alias: str, cache: Any) -> None:
+        from redis.exceptions import NoScriptError
+        from redis.sentinel import SentinelConnectionPool
+
+        from django_scalekit.cluster import RedisClusterClient
+
         self.alias = alias
         self.cache = cache
-        self.client = cache.client.get_client(write=True)
+        self.errors: tuple[type[BaseException], ...] = _redis_errors()
+        self.no_script = NoScriptError
+        self.cluster = isinstance(cache.client, RedisClusterClient)
+        try:
+            self.client: Any = cache.client.get_client(write=True)
+        except self.errors:
+            # A cluster client asks its nodes for the slot map when it is
+            # made: while none answers, each use tries again (paced by the
+            # breaker, as any L2 error is).
+            self.client = _Unconnected(self)
         self.encode = cache.client.encode
         self.decode = cache.client.decode
         self.fast_pickle = _plain_pickle(cache.client)
-        self._read_or_lock = self.client.register_script(_READ_OR_LOCK)
-        self._lock = self.client.register_script(_LOCK)
-        self._write = self.client.register_script(_WRITE_AND_RELEASE)
-        self._invalidate = self.client.register_script(_INVALIDATE)
-        self._release = self.client.register_script(_RELEASE)
-        db = self.client.connection_pool.connection_kwargs.get("db", 0)
+        pool = (
+            None
+            if isinstance(self.client, _Unconnected)
+            else getattr(self.client, "connection_pool", None)
+        )
+        #: The Sentinel-managed pool of the master, which the listener keeps
+        #: on the current master (``follow_master``).
+        self.sentinel_pool = pool if isinstance(pool, SentinelConnectionPool) else None
+        # A cluster has only database 0.
+        db = 0 if pool is None else pool.connection_kwargs.get("db", 0)
         # Pub/sub channels are server-wide, not per database: name the db
         # and the cache's KEY_PREFIX/VERSION so sites sharing a server stay apart.
         self.channel = f"scalekit:cache:{db}:{cache.make_key('invalidate')}"
-        self.errors: tuple[type[BaseException], ...] = _redis_errors()
-        from redis.exceptions import NoScriptError
 
-        self.no_script = NoScriptError
+    def key(self, skey: str) -> str:
+        """The L2 key of ``skey``; its lock, generation and invalidation time
+        add ``:lock``, ``:gen`` and ``:inv``."""
+        key: str = self.cache.make_key(skey)
+        # A hash tag puts the four in one cluster slot (CLUSTER KEYSLOT
+        # hashes only what is inside the first {...}).
+        return "{" + key + "}" if self.cluster else key
+
+    def _eval(self, script: _Script, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return self.client.evalsha(script.sha, len(keys), *keys, *args)
+        except self.no_script:
+            # Redis restarted or ran SCRIPT FLUSH. On a cluster this loads the
+            # script on every primary.
+            self.client.script_load(script.text)
+            return self.client.evalsha(script.sha, len(keys), *keys, *args)
 
     def read_or_lock(self, skey: str, token: str, lock_ms: int) -> tuple[str, Any]:
         """``(HIT, value)``, or ``(LOCKED or BUSY, generation)``."""
-        # The hot path of every L1 miss: EVALSHA straight, the script object
+        # The hot path of every L1 miss: EVALSHA straight, loading the script
         # only when Redis lost its script cache (NOSCRIPT).
-        key = self.cache.make_key(skey)
+        key = self.key(skey)
+        keys = [key, key + ":lock", key + ":gen", key + ":inv"]
         try:
             raw = self.client.execute_command(
-                "EVALSHA",
-                self._read_or_lock.sha,
-                4,
-                key,
-                key + ":lock",
-                key + ":gen",
-                key + ":inv",
-                token,
-                lock_ms,
+                "EVALSHA", _READ_OR_LOCK_SCRIPT.sha, 4, *keys, token, lock_ms
             )
         except self.no_script:
-            raw = self._read_or_lock(
-                keys=[key, key + ":lock", key + ":gen", key + ":inv"],
-                args=[token, lock_ms],
-            )
+            raw = self._eval(_READ_OR_LOCK_SCRIPT, keys, [token, lock_ms])
         if isinstance(raw, bytes):
             try:
                 if self.fast_pickle and raw[:1] == b"\x80":
@@ -519,15 +569,15 @@ class RedisL2:
 
     def try_lock(self, skey: str, token: str, lock_ms: int) -> str | None:
         """Take the lock: the generation, or None if someone holds it."""
-        key = self.cache.make_key(skey)
-        gen = self._lock(
-            keys=[key + ":lock", key + ":gen", key + ":inv"], args=[token, lock_ms]
+        key = self.key(skey)
+        gen = self._eval(
+            _LOCK_SCRIPT, [key + ":lock", key + ":gen", key + ":inv"], [token, lock_ms]
         )
         return None if gen is None else cast(bytes, gen).decode()
 
     def generation(self, skey: str) -> str:
         """The key's generation, with ``@ms`` if it was invalidated recently."""
-        key = self.cache.make_key(skey)
+        key = self.key(skey)
         gen, inv = self.client.mget([key + ":gen", key + ":inv"])
         text = "0" if gen is None else cast(bytes, gen).decode()
         return text if inv is None else f"{text}@{cast(bytes, inv).decode()}"
@@ -545,19 +595,20 @@ class RedisL2:
         except Exception as exc:
             raise Unstorable(str(exc)) from exc
         ms = max(1, int(timeout * 1000)) if timeout else 0
-        key = self.cache.make_key(skey)
+        key = self.key(skey)
         return bool(
-            self._write(
-                keys=[key, key + ":lock", key + ":gen"],
-                args=[token, payload, ms, gen.partition("@")[0]],
+            self._eval(
+                _WRITE_SCRIPT,
+                [key, key + ":lock", key + ":gen"],
+                [token, payload, ms, gen.partition("@")[0]],
             )
         )
 
     def release(self, skey: str, token: str) -> None:
-        self._release(keys=[self.cache.make_key(skey) + ":lock"], args=[token])
+        self._eval(_RELEASE_SCRIPT, [self.key(skey) + ":lock"], [token])
 
     def get(self, skey: str) -> Any:
-        key = self.cache.make_key(skey)
+        key = self.key(skey)
         raw = self.client.get(key)
         if raw is None:
             return _MISS
@@ -571,21 +622,91 @@ class RedisL2:
             return _MISS
 
     def invalidate(self, skeys: Iterable[str]) -> None:
-        pipe = self.client.pipeline(transaction=False)
         now_ms = int(time.time() * 1000)
+        calls = []
         for skey in skeys:
-            key = self.cache.make_key(skey)
-            self._invalidate(
-                keys=[key, key + ":gen", key + ":inv"],
-                args=[self.channel, skey, _GEN_TTL_MS, now_ms, self.primary_ms],
-                client=pipe,
+            key = self.key(skey)
+            calls.append(
+                (
+                    [key, key + ":gen", key + ":inv"],
+                    [self.channel, skey, _GEN_TTL_MS, now_ms, self.primary_ms],
+                )
             )
-        pipe.execute()
+        if self.cluster:
+            # redis-py's cluster pipelines refuse EVALSHA: one call per key.
+            for keys, args in calls:
+                self._eval(_INVALIDATE_SCRIPT, keys, args)
+            return
+        for attempt in (1, 2):
+            pipe = self.client.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.execute_command("EVALSHA", _INVALIDATE_SCRIPT.sha, 3, *keys, *args)
+            try:
+                pipe.execute()
+                return
+            except self.no_script:
+                # Running the calls again is harmless: a second INCR of a
+                # generation, a second DEL and PUBLISH.
+                if attempt == 2:
+                    raise
+                self.client.script_load(_INVALIDATE_SCRIPT.text)
 
     def invalidate_prefix(self, prefix: str) -> int:
-        deleted = int(self.cache.delete_pattern(prefix + "*"))
-        self.client.publish(self.channel, "*" + prefix)
+        if self.cluster:
+            deleted = self._delete_tagged(prefix)
+        else:
+            deleted = int(self.cache.delete_pattern(prefix + "*"))
+        self.publish("*" + prefix)
         return deleted
+
+    def _delete_tagged(self, prefix: str) -> int:
+        """Delete every cluster node's keys of ``prefix`` (a SCAN of each primary)."""
+        pattern = "{" + self.cache.client.make_pattern(prefix + "*")
+        deleted = 0
+        batch: list[bytes] = []
+        for key in self.client.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) == 500:
+                deleted += int(self.client.delete(*batch))
+                batch = []
+        if batch:
+            deleted += int(self.client.delete(*batch))
+        return deleted
+
+    def publish(self, message: str) -> None:
+        """Send an invalidation message to every process's listener."""
+        self.client.publish(self.channel, message)
+
+    def ping(self) -> bool:
+        return bool(self.client.ping())
+
+    def follow_master(self, pubsub: Any) -> bool:
+        """Sentinel: ask for the master's address; True if ``pubsub`` is on
+        another server.
+
+        When the address changes redis-py drops the pool's connections to the
+        old master. Asking matters after a failover that leaves the old master
+        running: Sentinel reconfigures it as a replica (and closes its clients)
+        only seconds later, and until then it accepts writes nobody will read.
+        """
+        pool: Any = self.sentinel_pool
+        if pool is None:
+            return False
+        address = tuple(pool.get_master_address())
+        connection = pubsub.connection
+        return connection is not None and (connection.host, connection.port) != address
+
+
+class _Unconnected:
+    """Stands for an L2 client that could not be made yet; made on first use."""
+
+    def __init__(self, l2: RedisL2) -> None:
+        self.l2 = l2
+
+    def __getattr__(self, name: str) -> Any:
+        client = self.l2.cache.client.get_client(write=True)  # or raises
+        self.l2.client = client
+        return getattr(client, name)
 
 
 class GenericL2:
@@ -690,7 +811,13 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
         ConnectionInterrupted,
     )
 
-    return (redis.exceptions.RedisError, ConnectionInterrupted, OSError)
+    return (
+        redis.exceptions.RedisError,
+        # Not a RedisError: e.g. no cluster node answers.
+        redis.exceptions.RedisClusterException,
+        ConnectionInterrupted,
+        OSError,
+    )
 
 
 def _plain_pickle(client: Any) -> bool:
@@ -795,6 +922,8 @@ class Breaker:
 # --- invalidation listener -------------------------------------------------------------
 
 _PING_EVERY = 5.0
+#: How often a listener on a Sentinel-managed L2 asks Sentinel for the master.
+_FOLLOW_MASTER_EVERY = 1.0
 #: First wait before subscribing again after the link dropped (doubling to 5 s).
 _RESUBSCRIBE_BACKOFF = 0.1
 
@@ -831,7 +960,7 @@ class Listener(threading.Thread):
             try:
                 pubsub = self.pubsub = l2.client.pubsub()
                 pubsub.subscribe(l2.channel)
-                last_rx = last_ping = time.monotonic()
+                last_rx = last_ping = last_follow = time.monotonic()
                 while not self.stopped.is_set():
                     message = pubsub.get_message(timeout=0.5)
                     now = time.monotonic()
@@ -844,6 +973,13 @@ class Listener(threading.Thread):
                     if now - last_ping > _PING_EVERY:
                         pubsub.ping()
                         last_ping = now
+                    if l2.sentinel_pool and now - last_follow > _FOLLOW_MASTER_EVERY:
+                        last_follow = now
+                        if self.on_old_master(l2, pubsub):
+                            self.store.master_moved()
+                            # Messages published on the new master do not
+                            # reach the old one: subscribe there.
+                            raise ConnectionError("the master moved (Sentinel)")
             except Exception as exc:
                 if self.subscribed.is_set():
                     self.subscribed.clear()
@@ -856,6 +992,14 @@ class Listener(threading.Thread):
                     with contextlib.suppress(Exception):
                         pubsub.close()
         self.subscribed.clear()
+
+    def on_old_master(self, l2: RedisL2, pubsub: Any) -> bool:
+        try:
+            return l2.follow_master(pubsub)
+        except l2.errors as exc:
+            # Sentinel unreachable: the link to the master may still be fine.
+            logger.debug("invalidation listener for %r: %r", l2.alias, exc)
+            return False
 
     def handle(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
@@ -975,8 +1119,18 @@ class Store:
         does not, the breaker opens and L1 keeps serving (nobody's invalidation
         can reach L2 either; they are replayed, and L1 is cleared, when it is
         back)."""
-        if self.l2_call(cast(RedisL2, self.l2).client.ping) is not None:
+        if self.l2_call(cast(RedisL2, self.l2).ping) is not None:
             self.l1.clear()
+
+    def master_moved(self) -> None:
+        """Sentinel names a new master: invalidations of the last
+        ``primary_window`` seconds may have reached only the old one (it takes
+        writes until Sentinel demotes it, seconds later), so they are made
+        again on the new one."""
+        now = time.monotonic()
+        keys = [skey for skey, until in list(self.recent.items()) if until > now]
+        if keys and self.l2_call(self.l2.invalidate, keys) is None:
+            self.pending.extend(keys)
 
     def ensure_listener(self) -> None:
         listener = self.listener
@@ -1469,7 +1623,7 @@ def _store_refreshed(
         return
     # Other processes drop their L1 copy and read the new value from L2.
     if written and store.l2.pubsub:
-        store.l2_call(cast(RedisL2, store.l2).client.publish, store.l2.channel, skey)
+        store.l2_call(cast(RedisL2, store.l2).publish, skey)
     store.l1.drop(skey, l1key)
     if written is False:  # invalidated while we computed: do not keep it
         return

@@ -7,8 +7,9 @@ An id keeps its meaning for good; docs/checks.rst lists them all.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
+from urllib.parse import parse_qs, urlsplit
 
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning
@@ -295,6 +296,67 @@ def check_cdn_and_health_middleware(
 
 _DJANGO_REDIS_BACKEND = "django_redis.cache.RedisCache"
 _SOCKET_OPTIONS = ("SOCKET_CONNECT_TIMEOUT", "SOCKET_TIMEOUT")
+_CLUSTER_CLIENT = "django_scalekit.cluster.RedisClusterClient"
+_SENTINEL_CLIENT = "django_redis.client.SentinelClient"
+_SENTINEL_FACTORY = "django_redis.pool.SentinelConnectionFactory"
+
+
+def _url_db(url: str) -> int | None:
+    """The database a ``redis://`` URL names (path or ``?db=``), None if unreadable."""
+    parsed = urlsplit(url)
+    raw = parse_qs(parsed.query).get("db", [parsed.path.strip("/") or "0"])[0]
+    try:
+        return int(raw)
+    except ValueError:
+        return None
+
+
+def _check_redis_client(alias: str, l2: Mapping[str, Any]) -> list[CheckMessage]:
+    """Sentinel and Cluster clients of a django-redis L2 (E209, E210)."""
+    from django.utils.module_loading import import_string
+
+    options = l2.get("OPTIONS", {})
+    client = options.get("CLIENT_CLASS", "")
+    location = l2.get("LOCATION", "")
+    urls = location.split(",") if isinstance(location, str) else list(location)
+    messages: list[CheckMessage] = []
+    if client == _CLUSTER_CLIENT:
+        for url in urls:
+            if _url_db(url) != 0:
+                messages.append(
+                    Error(
+                        f'CACHES[{alias!r}]["LOCATION"] names {url!r}: a Redis Cluster '
+                        "has only database 0.",
+                        hint="Drop the database number from the URL (or make it /0); "
+                        "keep sites apart with KEY_PREFIX.",
+                        id="scalekit.E209",
+                    )
+                )
+    if client == _SENTINEL_CLIENT:
+        path = options.get("CONNECTION_FACTORY") or getattr(
+            settings, "DJANGO_REDIS_CONNECTION_FACTORY", ""
+        )
+        try:
+            from django_redis.pool import (  # type: ignore[import-untyped]
+                SentinelConnectionFactory,
+            )
+
+            factory_ok = issubclass(import_string(path), SentinelConnectionFactory)
+        except (ImportError, TypeError):
+            factory_ok = False
+        if not factory_ok or not options.get("SENTINELS"):
+            messages.append(
+                Error(
+                    f'CACHES[{alias!r}]["OPTIONS"] uses {_SENTINEL_CLIENT}, which needs '
+                    f'["CONNECTION_FACTORY"] = "{_SENTINEL_FACTORY}" and '
+                    '["SENTINELS"], a list of (host, port); it fails on first use '
+                    "otherwise.",
+                    hint=f'Set CACHES[{alias!r}]["OPTIONS"]["CONNECTION_FACTORY"] = '
+                    f'"{_SENTINEL_FACTORY}" and ["SENTINELS"] = [("sentinel-1", 26379)].',
+                    id="scalekit.E210",
+                )
+            )
+    return messages
 
 
 def check_cache(
@@ -335,6 +397,7 @@ def check_cache(
             )
         )
     if backend == _DJANGO_REDIS_BACKEND:
+        messages.extend(_check_redis_client(cfg.l2, l2))
         options = l2.get("OPTIONS", {})
         missing = [o for o in _SOCKET_OPTIONS if o not in options]
         if missing:

@@ -144,6 +144,16 @@ def _database_check(
     return check
 
 
+def _read_back(cache: Any, key: str) -> Any:
+    """Read ``key`` where it was written: django-redis reads from a replica
+    when it has one (Sentinel, several ``LOCATION`` entries), which may not
+    have the write yet."""
+    get_client = getattr(getattr(cache, "client", None), "get_client", None)
+    if get_client is None:
+        return cache.get(key)
+    return cache.get(key, client=get_client(write=True))
+
+
 def _cache_check(alias: str) -> Callable[[], Any]:
     def check() -> None:
         cache = caches[alias]
@@ -151,7 +161,7 @@ def _cache_check(alias: str) -> Callable[[], Any]:
         value = uuid.uuid4().hex
         try:
             cache.set(key, value, 30)
-            got = cache.get(key)
+            got = _read_back(cache, key)
             cache.delete(key)
         finally:
             cache.close()

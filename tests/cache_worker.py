@@ -2,8 +2,10 @@
 
 Run as ``python -m tests.cache_worker COMMAND ...`` with
 ``DJANGO_SETTINGS_MODULE=tests.settings`` and ``SCALEKIT_TEST_CACHE_PREFIX``
-set; each computation increments a Redis counter, so a test can count them
-across processes. Prints one JSON line per result.
+set (and ``SCALEKIT_TEST_CACHE_L2`` to use another L2 alias than
+``cache_l2``); each computation increments a counter in the ``cache_l2``
+Redis, so a test can count them across processes. Prints one JSON line per
+result.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import uuid
 from django_scalekit.cache import cached, warmer
 
 PREFIX_ENV = "SCALEKIT_TEST_CACHE_PREFIX"
+L2_ENV = "SCALEKIT_TEST_CACHE_L2"
 
 
 def redis():
@@ -71,29 +74,36 @@ def product_pks():
     return [1, 2, 3]
 
 
+def l2_alias() -> str:
+    return os.environ.get(L2_ENV, "cache_l2")
+
+
 @contextlib.contextmanager
-def own_prefix():
-    """Settings for a key prefix of the caller's own; its Redis keys are deleted after."""
+def own_prefix(l2: str = "cache_l2"):
+    """Settings for a key prefix of the caller's own, on the L2 alias ``l2``
+    (also for workers started meanwhile); its ``cache_l2`` keys are deleted after."""
     from django.conf import settings
     from django.test import override_settings
 
     from django_scalekit import cache
 
     name = f"sktest-{uuid.uuid4().hex[:10]}"
-    old = os.environ.get(PREFIX_ENV)
+    old = {env: os.environ.get(env) for env in (PREFIX_ENV, L2_ENV)}
     os.environ[PREFIX_ENV] = name
+    os.environ[L2_ENV] = l2
     scalekit = {
         **settings.SCALEKIT,
-        "CACHE": {"L2": "cache_l2", "KEY_PREFIX": name, "L1_TIMEOUT": 30},
+        "CACHE": {"L2": l2, "KEY_PREFIX": name, "L1_TIMEOUT": 30},
     }
     try:
         with override_settings(SCALEKIT=scalekit):
             yield name
     finally:
-        if old is None:
-            del os.environ[PREFIX_ENV]
-        else:
-            os.environ[PREFIX_ENV] = old
+        for env, value in old.items():
+            if value is None:
+                del os.environ[env]
+            else:
+                os.environ[env] = value
         client = redis()
         for key in client.scan_iter(match=f"*{name}*"):
             client.delete(key)
@@ -123,7 +133,7 @@ def settings_override():
 
     return {
         **settings.SCALEKIT,
-        "CACHE": {"L2": "cache_l2", "KEY_PREFIX": prefix(), "L1_TIMEOUT": 30},
+        "CACHE": {"L2": l2_alias(), "KEY_PREFIX": prefix(), "L1_TIMEOUT": 30},
     }
 
 

@@ -129,6 +129,30 @@ CACHES = {
         "LOCATION": os.environ.get("SCALEKIT_TEST_REDIS", "redis://127.0.0.1:6379/15"),
         "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 0.5, "SOCKET_TIMEOUT": 0.5},
     },
+    # Redis Sentinel (`scripts/services sentinel-up`): service "scalekit", a
+    # master and a replica on 6390/6391 that tests fail over.
+    "cache_sentinel": {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": "redis://scalekit/0",
+        "OPTIONS": {
+            "CLIENT_CLASS": "django_redis.client.SentinelClient",
+            "CONNECTION_FACTORY": "django_redis.pool.SentinelConnectionFactory",
+            "SENTINELS": [("127.0.0.1", 26390)],
+            "SOCKET_CONNECT_TIMEOUT": 0.5,
+            "SOCKET_TIMEOUT": 0.5,
+        },
+    },
+    # A three-node Redis Cluster (`scripts/services cluster-up`); two startup
+    # nodes are enough to find the third.
+    "cache_cluster": {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": ["redis://127.0.0.1:7001", "redis://127.0.0.1:7002"],
+        "OPTIONS": {
+            "CLIENT_CLASS": "django_scalekit.cluster.RedisClusterClient",
+            "SOCKET_CONNECT_TIMEOUT": 0.5,
+            "SOCKET_TIMEOUT": 0.5,
+        },
+    },
     # Nothing listens on port 1: a Redis outage (connections refused at once).
     "cache_down": {
         "BACKEND": "django_redis.cache.RedisCache",
