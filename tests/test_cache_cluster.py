@@ -8,7 +8,6 @@ ports 7001-7003, no replicas), through
 from __future__ import annotations
 
 import io
-import json
 import threading
 import time
 
@@ -24,7 +23,13 @@ from django_scalekit.cache import cached
 from django_scalekit.cluster import RedisClusterClient
 from tests import cache_worker
 from tests.conftest import require_service
-from tests.test_cache import l2_errors, result, subscribed, worker
+from tests.test_cache import (
+    invalidation_reaches_another_process,
+    l2_errors,
+    result,
+    subscribed,
+    worker,
+)
 
 PORTS = (7001, 7002, 7003)
 ALIAS = "cache_cluster"
@@ -183,21 +188,7 @@ def test_stampede_across_processes_computes_once(prefix):
 
 
 def test_invalidate_reaches_another_process(prefix):
-    data = cache_worker.redis()
-    data.set(f"{prefix}:data:z", "before")
-    watcher = worker("watch", "z", env_prefix=prefix)
-    try:
-        ready = json.loads(watcher.stdout.readline())
-        assert ready == {"ready": True, "value": "before"}
-        data.set(f"{prefix}:data:z", "after")
-        time.sleep(0.3)  # the watcher still serves its L1 copy
-        invalidated_at = time.time()
-        cache_worker.current.invalidate("z")
-        seen = result(watcher)[0]
-    finally:
-        watcher.kill()
-    assert seen["value"] == "after"
-    assert seen["seen_at"] - invalidated_at < 0.5
+    assert invalidation_reaches_another_process(prefix, cache_worker.redis()) < 0.5
 
 
 def test_invalidation_from_any_node_reaches_the_listener(prefix):

@@ -9,7 +9,6 @@ going; either server may be the master when a test starts.
 from __future__ import annotations
 
 import fcntl
-import json
 import pickle
 import tempfile
 import threading
@@ -24,7 +23,13 @@ from django_scalekit import cache, checks, health
 from django_scalekit.cache import cached
 from tests import cache_worker
 from tests.conftest import require_service, services, wait_until
-from tests.test_cache import l2_errors, result, subscribed, worker
+from tests.test_cache import (
+    invalidation_reaches_another_process,
+    l2_errors,
+    result,
+    subscribed,
+    worker,
+)
 
 SENTINEL_PORT = 26390
 SERVICE = "scalekit"
@@ -110,21 +115,7 @@ def test_stampede_computes_once_through_sentinel(prefix):
 
 
 def test_invalidate_reaches_another_process(prefix):
-    data = cache_worker.redis()
-    data.set(f"{prefix}:data:z", "before")
-    watcher = worker("watch", "z", env_prefix=prefix)
-    try:
-        ready = json.loads(watcher.stdout.readline())
-        assert ready == {"ready": True, "value": "before"}
-        data.set(f"{prefix}:data:z", "after")
-        time.sleep(0.3)  # the watcher still serves its L1 copy
-        invalidated_at = time.time()
-        cache_worker.current.invalidate("z")
-        seen = result(watcher)[0]
-    finally:
-        watcher.kill()
-    assert seen["value"] == "after"
-    assert seen["seen_at"] - invalidated_at < 0.5
+    assert invalidation_reaches_another_process(prefix, cache_worker.redis()) < 0.5
 
 
 class Load:
