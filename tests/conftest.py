@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import socket
 import subprocess
@@ -175,3 +176,41 @@ def on_replica():
         return sorted(Item.objects.using("replica").values_list("name", flat=True))
 
     return names
+
+
+# --- fault scenario figures ----------------------------------------------------------
+
+#: One file per test session (pid), so concurrent runs do not mix their rows.
+FAULT_RESULTS = Path(
+    os.environ.get(
+        "SCALEKIT_FAULTS_RESULTS",
+        Path(tempfile.gettempdir()) / f"scalekit-faults-{os.getpid()}.json",
+    )
+)
+
+
+@pytest.fixture
+def record():
+    """Record a fault scenario's figures; the session prints them as a table."""
+
+    def add(scenario: str, **figures: object) -> None:
+        rows = json.loads(FAULT_RESULTS.read_text()) if FAULT_RESULTS.exists() else {}
+        rows[scenario] = figures
+        FAULT_RESULTS.write_text(json.dumps(rows, indent=2))
+
+    return add
+
+
+def pytest_sessionstart(session):
+    FAULT_RESULTS.unlink(missing_ok=True)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not FAULT_RESULTS.exists():
+        return
+    rows = json.loads(FAULT_RESULTS.read_text())
+    FAULT_RESULTS.unlink()
+    terminalreporter.section("fault scenarios")
+    for scenario, figures in rows.items():
+        shown = ", ".join(f"{k}={v}" for k, v in figures.items())
+        terminalreporter.write_line(f"{scenario}: {shown}")

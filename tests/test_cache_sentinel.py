@@ -164,7 +164,7 @@ class Load:
 
 
 @pytest.mark.faults
-def test_failover_under_load(prefix, record_property):
+def test_failover_under_load(prefix, record):
     """SENTINEL FAILOVER (the old master keeps running and is demoted seconds
     later) while threads call and invalidate: no caller sees an exception, and
     our writes reach the new master within a few seconds."""
@@ -259,8 +259,10 @@ def test_failover_under_load(prefix, record_property):
             if recovered is None
             else round(recovered, 2),
         }
-        record_property("figures", figures)
-        print("Sentinel failover under load:", figures)
+        record(
+            "Sentinel failover under load, 4 threads calling and invalidating",
+            **figures,
+        )
     assert load.errors == []
     assert load.wrong == 0
     assert load.calls > 200
