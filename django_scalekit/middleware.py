@@ -120,7 +120,7 @@ class PinningMiddleware(_Middleware):
         ):
             return None
         scope = routers.current_scope()
-        if scope.wrote:
+        if scope.wrote or _changed_request_state(request):
             return None
         failed = routers.fail_over(scope)
         if not failed:
@@ -134,16 +134,27 @@ class PinningMiddleware(_Middleware):
             ", ".join(repr(alias) for alias in failed),
             type(exception).__name__,
         )
-        response = match.func(request, *match.args, **match.kwargs)
-        if inspect.isawaitable(response):
-            # process_exception runs in a worker thread under ASGI.
-            response = async_to_sync(_awaited)(response)
-        render = getattr(response, "render", None)
-        if callable(render):
-            # An exception raised while rendering comes here too, after which
-            # the handler does not render again.
-            response = render()
+        try:
+            response = match.func(request, *match.args, **match.kwargs)
+            if inspect.isawaitable(response):
+                # process_exception runs in a worker thread under ASGI.
+                response = async_to_sync(_awaited)(response)
+            if getattr(request, "_scalekit_rendering", False):
+                # The first run failed while rendering, after which the
+                # handler does not render again; otherwise it renders this.
+                response = response.render()
+        except Exception:
+            # The original exception goes on through the other middleware.
+            logger.exception(
+                "%s %s: the second run failed too", request.method, request.path
+            )
+            return None
         return response  # type: ignore[no-any-return]
+
+    def process_template_response(self, request: HttpRequest, response: Any) -> Any:
+        # Rendering comes next: an exception from now on is a rendering one.
+        request._scalekit_rendering = True  # type: ignore[attr-defined]
+        return response
 
     def _pin_from(self, request: HttpRequest) -> tuple[bool, dict[str, int]]:
         cfg = conf.get()
@@ -229,6 +240,16 @@ class HealthCheckMiddleware(_Middleware):
             # The checks block (threads, a deadline): keep them off the loop.
             return await sync_to_async(view, thread_sensitive=False)(request)
         return await self.get_response(request)  # type: ignore[misc, no-any-return]
+
+
+def _changed_request_state(request: HttpRequest) -> bool:
+    """Whether the view changed what a second run would change again: the
+    session, or messages queued for the user."""
+    session = getattr(request, "session", None)
+    if session is not None and getattr(session, "modified", False):
+        return True
+    messages = getattr(request, "_messages", None)
+    return bool(getattr(messages, "_queued_messages", None))
 
 
 async def _awaited(awaitable: Awaitable[Any]) -> Any:

@@ -489,6 +489,10 @@ def fail_over(scope: Scope) -> list[str]:
         # error) on this connection since it opened; still open: in this scope.
         if connection.connection is None or not connection.errors_occurred:
             continue
+        # A statement timeout or a recovery conflict also raises an
+        # OperationalError, on a replica that is fine: not those.
+        if connection.is_usable():
+            continue
         with suppress(DatabaseError):
             connection.close()
         mark_down(alias, reason="a query failed on it")
@@ -852,8 +856,10 @@ def route_write(group: conf.ReplicaGroup) -> str:
     cfg = conf._settings or conf.get()
     scope = _scope.get() or current_scope()
     scope.wrote = True
-    scope.fast = None
     _written(scope.group(group.name), group.primary, cfg)
+    # After the state it guards: a thread sharing the scope that sets the
+    # fast path meanwhile sees the new state when it checks again.
+    scope.fast = None
     return _count(scope, group.primary, WRITE)
 
 
@@ -943,6 +949,9 @@ class PrimaryReplicaRouter:
             # The primary's connection is cached for this thread (not an event
             # loop): later reads may take the fast path.
             scope.fast = (ident, primary, replica, _STEADY)
+            if scope.pinned or scope.causal:
+                # A thread sharing the scope wrote meanwhile.
+                scope.fast = None
         scope.n_read += 1
         return replica
 
@@ -965,12 +974,13 @@ class PrimaryReplicaRouter:
             if scope.tally is not None:
                 scope.n_write += 1
             return cfg.primary
-        scope.fast = None
         if cfg.groups:
             group = group_of(model, cfg)
             _written(scope.group(group.name), group.primary, cfg)
+            scope.fast = None
             return _count(scope, group.primary, WRITE)
         _written(scope, cfg.primary, cfg)
+        scope.fast = None  # after the state it guards (see route_write)
         scope.n_write += 1
         return cfg.primary
 

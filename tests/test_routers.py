@@ -300,6 +300,18 @@ class TestRetryOnReplicaFailure:
         response = Client(raise_request_exception=False).post("/replica-dies/")
         assert response.status_code == 500
 
+    def test_a_view_that_changed_the_session_is_not_run_again(self, replica):
+        client = Client(raise_request_exception=False)
+        assert client.get("/replica-dies/?session=1").status_code == 500
+
+    def test_a_healthy_replica_is_not_blamed_for_a_statement_timeout(
+        self, replica, caplog
+    ):
+        client = Client(raise_request_exception=False)
+        assert client.get("/replica-times-out/").status_code == 500
+        assert not routers.is_down("replica")
+        assert "failed mid-query" not in caplog.text
+
 
 @pytest.mark.django_db(transaction=True, databases="__all__")
 def test_a_request_that_wrote_is_not_run_again(replica):

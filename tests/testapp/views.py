@@ -91,10 +91,13 @@ def _cut_replica_connection() -> None:
 @csrf_exempt
 def replica_dies_mid_request(request: HttpRequest) -> JsonResponse:
     """Read, lose the replica's connection, read again (the second read fails
-    on the replica). ``?write=1`` writes an Event first; the run count is in the reply."""
+    on the replica). ``?write=1`` writes an Event first, ``?session=1`` changes
+    the session; the run count is in the reply."""
     request.runs = getattr(request, "runs", 0) + 1
     if request.GET.get("write"):
         Event.objects.create(name="written-before-the-failure")
+    if request.GET.get("session"):
+        request.session["visits"] = request.session.get("visits", 0) + 1
     first = _payload()
     if first["read_from"] == "replica":
         _cut_replica_connection()
@@ -102,3 +105,14 @@ def replica_dies_mid_request(request: HttpRequest) -> JsonResponse:
     return JsonResponse(
         {**second, "first_read_from": first["read_from"], "runs": request.runs}
     )
+
+
+def replica_times_out(request: HttpRequest) -> JsonResponse:
+    """A statement timeout on the replica: an OperationalError on a replica
+    that is fine."""
+    request.runs = getattr(request, "runs", 0) + 1
+    assert _payload()["read_from"] == "replica"
+    with connections["replica"].cursor() as cursor:
+        cursor.execute("SET statement_timeout = 10")
+        cursor.execute("SELECT pg_sleep(1)")
+    return JsonResponse({"runs": request.runs})
