@@ -20,6 +20,8 @@ import sys
 import threading
 import time
 import types
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import redis as redis_py
@@ -285,19 +287,25 @@ def test_bad_decorator_arguments():
 # --- stampedes ----------------------------------------------------------------------
 
 
-def test_fifty_threads_missing_one_key_compute_once(prefix):
-    barrier = threading.Barrier(50)
+def at_once(call: Callable[[], Any], threads: int) -> list[Any]:
+    """Run ``call`` in ``threads`` threads released together; their results."""
+    barrier = threading.Barrier(threads)
     results = []
 
-    def call():
+    def run():
         barrier.wait()
-        results.append(cache_worker.slow_square(7, delay=0.3))
+        results.append(call())
 
-    threads = [threading.Thread(target=call) for _ in range(50)]
-    for t in threads:
+    started = [threading.Thread(target=run) for _ in range(threads)]
+    for t in started:
         t.start()
-    for t in threads:
+    for t in started:
         t.join()
+    return results
+
+
+def test_fifty_threads_missing_one_key_compute_once(prefix):
+    results = at_once(lambda: cache_worker.slow_square(7, delay=0.3), 50)
     assert results == [49] * 50
     assert cache_worker.computations("slow_square") == 1
 

@@ -24,6 +24,7 @@ from django_scalekit.cluster import RedisClusterClient
 from tests import cache_worker
 from tests.conftest import require_service
 from tests.test_cache import (
+    at_once,
     invalidation_reaches_another_process,
     l2_errors,
     result,
@@ -162,19 +163,7 @@ def test_lua_scripts_are_reloaded_on_every_node(prefix):
 
 
 def test_stampede_computes_once(prefix):
-    barrier = threading.Barrier(20)
-    results = []
-
-    def call():
-        barrier.wait()
-        results.append(cache_worker.slow_square(7))
-
-    threads = [threading.Thread(target=call) for _ in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert results == [49] * 20
+    assert at_once(lambda: cache_worker.slow_square(7), 20) == [49] * 20
     assert cache_worker.computations("slow_square") == 1
 
 

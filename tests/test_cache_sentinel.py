@@ -24,6 +24,7 @@ from django_scalekit.cache import cached
 from tests import cache_worker
 from tests.conftest import require_service, services, wait_until
 from tests.test_cache import (
+    at_once,
     invalidation_reaches_another_process,
     l2_errors,
     result,
@@ -94,19 +95,7 @@ def test_l2_is_the_master_sentinel_names(prefix):
 
 
 def test_stampede_computes_once_through_sentinel(prefix):
-    barrier = threading.Barrier(20)
-    results = []
-
-    def call():
-        barrier.wait()
-        results.append(cache_worker.slow_square(7))
-
-    threads = [threading.Thread(target=call) for _ in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert results == [49] * 20
+    assert at_once(lambda: cache_worker.slow_square(7), 20) == [49] * 20
     # And across processes: a second process finds the value, computes nothing.
     assert result(worker("call", "slow_square", 7, env_prefix=prefix)) == [
         {"value": 49}
