@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.apps import AppConfig
 from django.core import checks
-from django.core.signals import request_started, setting_changed
+from django.core.signals import request_finished, request_started, setting_changed
 
 
 class ScalekitConfig(AppConfig):
@@ -46,3 +46,4 @@ class ScalekitConfig(AppConfig):
 
         setting_changed.connect(on_cache_setting_changed, weak=False)
         request_started.connect(routers._reset_scope_on_request_started, weak=False)
+        request_finished.connect(routers._flush_scope_on_request_finished, weak=False)

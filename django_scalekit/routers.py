@@ -15,12 +15,15 @@ views and under ASGI. Replica health (down, lagging) is per process.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
+import os
 import random
 import select
 import threading
 import time
+import weakref
 from asyncio import _get_running_loop
 from collections.abc import Callable
 from contextlib import suppress
@@ -231,9 +234,69 @@ def current_scope() -> Scope:
     """Return the routing scope of the running context, creating it if needed."""
     scope = _scope.get()
     if scope is None:
-        scope = Scope()
+        scope = _ImplicitScope()
         _scope.set(scope)
+        if scope.tally is not None:
+            _track_implicit(scope)
     return scope
+
+
+class _ImplicitScope(Scope):
+    """A scope nothing ends: its counts are added when it is collected too."""
+
+    __slots__ = ("__weakref__",)
+
+    def __del__(self) -> None:
+        with suppress(Exception):  # e.g. at interpreter shutdown
+            self.flush()
+
+
+# Scopes started by a query outside any request or routing_scope() (a
+# management command, a thread of its own): nothing ends them, so a daemon
+# thread adds their counts to scalekit_router_queries_total every few
+# seconds, and at exit; a thread's scope also when the thread ends.
+IMPLICIT_FLUSH_SECONDS = 5.0
+_implicit: weakref.WeakSet[_ImplicitScope] = weakref.WeakSet()
+_flusher: threading.Thread | None = None
+_flusher_lock = threading.Lock()
+
+
+def flush_implicit_scopes() -> None:
+    """Add the counts of scopes nothing ends to the Prometheus counter now."""
+    for scope in list(_implicit):
+        scope.flush()
+
+
+def _flush_implicit_forever() -> None:
+    while True:
+        time.sleep(IMPLICIT_FLUSH_SECONDS)
+        flush_implicit_scopes()
+
+
+def _track_implicit(scope: _ImplicitScope) -> None:
+    global _flusher
+    _implicit.add(scope)
+    if _flusher is None:
+        with _flusher_lock:
+            if _flusher is None:
+                _flusher = threading.Thread(
+                    target=_flush_implicit_forever,
+                    name="scalekit-metrics-flush",
+                    daemon=True,
+                )
+                _flusher.start()
+
+
+def _forget_flusher() -> None:
+    # A forked child (a gunicorn worker) has no copy of the parent's thread.
+    global _flusher, _flusher_lock
+    _flusher = None
+    _flusher_lock = threading.Lock()
+
+
+atexit.register(flush_implicit_scopes)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_flusher)
 
 
 def begin_scope(
@@ -320,6 +383,13 @@ def _reset_scope_on_request_started(**kwargs: object) -> None:
     if previous is not None:
         previous.flush()
     _scope.set(Scope())
+
+
+def _flush_scope_on_request_finished(**kwargs: object) -> None:
+    # Without PinningMiddleware nothing else ends a request's scope.
+    scope = _scope.get()
+    if scope is not None:
+        scope.flush()
 
 
 class use_primary:

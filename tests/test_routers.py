@@ -826,6 +826,12 @@ def routed(alias: str, reason: str) -> float:
 
 @pytest.mark.django_db(transaction=True, databases="__all__")
 class TestMetrics:
+    @pytest.fixture(autouse=True)
+    def _flushed(self):
+        # Counts pending in this thread's own scope from earlier tests must
+        # not land in the middle of a test's before/after.
+        routers.flush_implicit_scopes()
+
     def test_queries_are_counted_per_alias_and_reason_when_the_scope_ends(
         self, replica
     ):
@@ -867,6 +873,36 @@ class TestMetrics:
         # A settings change puts every replica back in rotation.
         assert REGISTRY.get_sample_value(*gauge) == 0
         assert routed("default", "replica-failover") - before == 1
+
+    def test_queries_outside_any_scope_are_counted(self, replica):
+        # A thread of its own (or a management command): no request and no
+        # routing_scope() ends its scope.
+        before = routed("replica", "read")
+        done, release = threading.Event(), threading.Event()
+
+        def work() -> None:
+            for _ in range(3):
+                list(Item.objects.all())
+            done.set()
+            release.wait(30)
+            list(Item.objects.all())
+            connections.close_all()
+
+        thread = threading.Thread(target=work)
+        thread.start()
+        try:
+            assert done.wait(30)
+            # While the thread lives: the flusher adds its counts.
+            deadline = time.monotonic() + routers.IMPLICIT_FLUSH_SECONDS + 5
+            while routed("replica", "read") - before < 3:
+                assert time.monotonic() < deadline, "implicit scope never flushed"
+                time.sleep(0.05)
+            assert routed("replica", "read") - before == 3
+        finally:
+            release.set()
+            thread.join(30)
+        # When it ends: the rest, without waiting for the flusher.
+        assert routed("replica", "read") - before == 4
 
     @override_settings(SCALEKIT={**SCALEKIT, "METRICS": {"ROUTING": False}})
     def test_routing_metrics_can_be_turned_off(self, replica):
