@@ -505,7 +505,7 @@ def _sharded(model: Any) -> bool:
 
 
 def check_sharded_model(model: Any, cfg: conf.ShardingSettings) -> list[CheckMessage]:
-    """Check one model's shard declaration and its relations (E110-E115)."""
+    """Check one model's shard declaration and its relations (E110-E115, E118)."""
     from django_scalekit import sharding
 
     messages: list[CheckMessage] = []
@@ -609,4 +609,61 @@ def check_sharded_model(model: Any, cfg: conf.ShardingSettings) -> list[CheckMes
                     id="scalekit.E114",
                 )
             )
+        elif (
+            key_field is not None
+            and not key_field.is_relation
+            and not _same_key_kind(key_field, target)
+        ):
+            other = getattr(target, "shard_key", None)
+            messages.append(
+                Error(
+                    f"{label}.{f.name} relates {label} (shard key {key!r}, a "
+                    f"{key_field.get_internal_type()}) to {target._meta.label} (shard "
+                    f"key {other!r}, {_key_kind_label(target)}): a child and its parent "
+                    "stay on one database through a reshard only when the child's shard "
+                    "key holds its parent's key value, which these two kinds of field "
+                    "cannot.",
+                    hint=f"Give {label} the same kind of shard key field as "
+                    f"{target._meta.label} and set it to the parent's key, or keep the "
+                    "parent's ID in a plain models.BigIntegerField.",
+                    obj=model,
+                    id="scalekit.E118",
+                )
+            )
     return messages
+
+
+_INT_KEYS = {
+    "IntegerField",
+    "BigIntegerField",
+    "SmallIntegerField",
+    "PositiveIntegerField",
+    "PositiveBigIntegerField",
+    "PositiveSmallIntegerField",
+}
+_TEXT_KEYS = {"CharField", "TextField", "SlugField", "EmailField", "UUIDField"}
+
+
+def _key_kind(field: Any) -> str:
+    # Which values hash alike (sharding.key_bytes): ints by their digits,
+    # text and UUIDs by their text.
+    kind = field.get_internal_type()
+    return "int" if kind in _INT_KEYS else "text" if kind in _TEXT_KEYS else kind
+
+
+def _target_key_field(target: Any) -> Any:
+    try:
+        return target._meta.get_field(getattr(target, "shard_key", None) or "")
+    except FieldDoesNotExist:
+        return None
+
+
+def _key_kind_label(target: Any) -> str:
+    field = _target_key_field(target)
+    return "missing" if field is None else f"a {field.get_internal_type()}"
+
+
+def _same_key_kind(key_field: Any, target: Any) -> bool:
+    field = _target_key_field(target)
+    # A missing key on the target is its own E111.
+    return field is None or _key_kind(field) == _key_kind(key_field)

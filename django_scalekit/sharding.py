@@ -39,14 +39,15 @@ import json
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from hashlib import blake2b
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from django.apps import apps
-from django.core.exceptions import ImproperlyConfigured
+from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.db import DatabaseError, connections, models, transaction
 from django.db.migrations.operations.special import RunSQL
 from django.db.models import Count, F, Max, Min, Sum
@@ -215,7 +216,7 @@ def new_id(model: type[Model], key: object) -> int:
     bucket = shard_bucket(key, group.buckets)
     alias = group.alias_by_bucket[bucket]
     hint = (
-        f"Is its sequence {ID_SEQUENCE!r} missing? Add "
+        f"Is the shard down, or its sequence {ID_SEQUENCE!r} missing? If missing, add "
         f'django_scalekit.sharding.CreateShardIdSequence("{group.name}") to a '
         "migration and migrate every shard."
     )
@@ -304,6 +305,30 @@ def _key_of(instance: Model) -> object:
     return key
 
 
+_PARENTS: dict[type[Any], list[Any]] = {}
+
+
+def _same_group_parents(model: type[Model]) -> list[Any]:
+    """Foreign keys of ``model`` to the ID of a sharded model of its group.
+
+    A child must share its parent's bucket (the bucket is what a reshard
+    moves), which the parent's ID tells without a query.
+    """
+    found = _PARENTS.get(model)
+    if found is not None:
+        return found
+    group = getattr(model, "shard_group", None)
+    found = _PARENTS[model] = [
+        f
+        for f in model._meta.concrete_fields
+        if f.is_relation
+        and f.related_model is not None
+        and getattr(f.related_model, "shard_group", None) == group
+        and isinstance(getattr(f, "target_field", None), ShardedIDField)
+    ]
+    return found
+
+
 class ShardedModel:
     """Mixin for a model whose rows live on the shards of ``shard_group``.
 
@@ -330,6 +355,16 @@ class ShardedModel:
                 f"created in bucket {id_bucket(instance.pk)}; the shard key of a saved "
                 "row cannot change (create a new row instead)."
             )
+        for fk in _same_group_parents(type(instance)):
+            parent = getattr(instance, fk.attname)
+            if parent is not None and id_bucket(parent) != bucket:
+                raise ShardingError(
+                    f"{instance._meta.label}.{fk.name} is {fk.related_model._meta.label} "
+                    f"{parent}, in bucket {id_bucket(parent)}, but this row's "
+                    f"{instance.shard_key} sends it to bucket {bucket}: a reshard would "
+                    "put them on different databases. Set the shard key to the parent's "
+                    "(scalekit.E118 in docs/checks.md)."
+                )
         using = kwargs.get("using")
         if using is not None:
             sharding = (conf._settings or conf.get()).sharding
@@ -368,13 +403,40 @@ class ShardedQuerySet(models.QuerySet[_M]):
         clone._hints = {**hints, **hint}  # type: ignore[attr-defined]
         return clone
 
-    def for_key(self, key: object) -> ShardedQuerySet[_M]:
-        """This query on the shard holding rows with shard key ``key``."""
-        field: Any = self.model._meta.get_field(self.model.shard_key)  # type: ignore[attr-defined]
-        value = field.to_python(key)
+    def _key_value(self, method: str, key: object) -> Any:
+        # The key as the shard key field holds it (so "42" and 42, or a UUID
+        # and its text, hash alike), or an error naming the method and key.
+        name = self.model.shard_key  # type: ignore[attr-defined]
+        field: Any = self.model._meta.get_field(name)
+        try:
+            value = field.to_python(key)
+        except ValidationError as exc:
+            raise ValueError(
+                f"{method}(key={key!r}): not a valid {self.model.__name__}.{name} "
+                f"value ({field.__class__.__name__}): {' '.join(exc.messages)}"
+            ) from None
         if value is None or value == "":
-            raise ValueError(f"for_key(key={key!r}): key must not be empty")
-        return self._with_hint(shard_key=value)
+            raise ValueError(f"{method}(key={key!r}): key must not be empty")
+        return value
+
+    def for_key(self, key: object) -> ShardedQuerySet[_M]:
+        """The rows with shard key ``key``, read from the one shard holding them.
+
+        Filters on the shard key as well as routing: ``for_key(42).count()``
+        counts customer 42's rows only. For every row of that shard, use
+        :meth:`on_shard_of`.
+        """
+        value = self._key_value("for_key", key)
+        name = self.model.shard_key  # type: ignore[attr-defined]
+        return self._with_hint(shard_key=value).filter(**{name: value})
+
+    def on_shard_of(self, key: object) -> ShardedQuerySet[_M]:
+        """This query, unfiltered, on the shard holding rows with shard key ``key``.
+
+        Every row of that shard matches, whatever its key (the buckets sharing
+        the database): for maintenance scans, not for one key's rows.
+        """
+        return self._with_hint(shard_key=self._key_value("on_shard_of", key))
 
     def get_by_id(self, id: int) -> _M:
         """The row with this shard-aware ID, read from the shard its bucket names."""
@@ -446,6 +508,9 @@ class ShardedManager(models.Manager[_M]):
 
     def for_key(self, key: object) -> ShardedQuerySet[_M]:
         return self.get_queryset().for_key(key)
+
+    def on_shard_of(self, key: object) -> ShardedQuerySet[_M]:
+        return self.get_queryset().on_shard_of(key)
 
     def get_by_id(self, id: int) -> _M:
         return self.get_queryset().get_by_id(id)
@@ -779,14 +844,77 @@ def plan_reshard(group: str, new_map: Sequence[str]) -> list[BucketMove]:
     ]
 
 
+# --- Resharding: locking ------------------------------------------------------
+
+
+class ReshardLocked(ReshardError):
+    """Another ``scalekit_reshard`` run of the same group holds its lock."""
+
+
+def reshard_lock_id(group: str) -> int:
+    """The PostgreSQL advisory lock key of resharding ``group`` (a signed bigint)."""
+    digest = blake2b(f"scalekit_reshard:{group}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+@contextmanager
+def reshard_lock(group: str) -> Iterator[None]:
+    """Hold ``pg_try_advisory_lock`` on every PostgreSQL shard of ``group``.
+
+    Two runs moving the same rows at once would each delete what the other
+    just verified; the second one raises :class:`ReshardLocked` instead. The
+    lock is per session: it goes when the run ends or its connection drops.
+    Shards on other backends are not locked.
+    """
+    cfg = (conf._settings or conf.get()).sharding.groups[group]
+    key = reshard_lock_id(group)
+    taken: list[str] = []
+    try:
+        for alias in cfg.shards:
+            connection = connections[alias]
+            if connection.vendor != "postgresql":
+                continue
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_try_advisory_lock(%s)", [key])
+                (ok,) = cursor.fetchone()
+            if not ok:
+                raise ReshardLocked(
+                    f"another scalekit_reshard of group {group!r} is running: it holds "
+                    f"the advisory lock {key} on {alias!r} (pg_locks, locktype "
+                    "'advisory'). Wait for it to finish, or stop it, then run again."
+                )
+            taken.append(alias)
+        yield
+    finally:
+        for alias in reversed(taken):
+            try:
+                with connections[alias].cursor() as cursor:
+                    cursor.execute("SELECT pg_advisory_unlock(%s)", [key])
+            except DatabaseError:  # the connection is gone: so is its lock
+                pass
+
+
+# --- Resharding: moving rows ----------------------------------------------------
+
+
 @dataclass
 class ReshardResult:
-    """What ``apply_reshard`` did."""
+    """What ``apply_reshard`` or ``cleanup_reshard`` did."""
 
     rows: int = 0
     batches: int = 0
     seconds: float = 0.0
     by_model: Counter[str] = field(default_factory=Counter)
+    #: Rows left where they were because their copy on the bucket's database
+    #: (under the deployed MAP) differs, or (cleanup) is missing: label -> rows.
+    differ: Counter[str] = field(default_factory=Counter)
+    missing: Counter[str] = field(default_factory=Counter)
+    #: A few of those rows, "label pk on alias", for the report.
+    examples: list[str] = field(default_factory=list)
+
+    @property
+    def conflicts(self) -> int:
+        return sum(self.differ.values()) + sum(self.missing.values())
 
 
 def apply_reshard(
@@ -796,15 +924,27 @@ def apply_reshard(
     batch_size: int | None = None,
     progress: Callable[[str], None] | None = None,
     after_batch: Callable[[int], None] | None = None,
+    keep_source: bool = False,
 ) -> ReshardResult:
     """Move every row of ``group`` onto the database ``new_map`` gives its bucket.
 
-    Per batch (rows ordered by ID): lock them on the source (``FOR UPDATE``),
-    upsert them on the target by primary key, verify the target holds them
-    all, delete them from the source, commit. A run that stops anywhere
-    leaves each row on its source, or on both (the source commit had not
-    happened: the next run upserts it again and deletes it): running again
+    Per batch (the next ``batch_size`` rows by ID, an index range scan on the
+    primary key): lock them on the source (``FOR UPDATE``), copy them to the
+    target by primary key, verify the target holds them all, delete them from
+    the source, commit. A run that stops anywhere leaves each row on its
+    source, or on both (the source commit had not happened): running again
     finishes the job without losing or duplicating a row.
+
+    Which copy wins when a row is on both: the source's while the deployed
+    MAP (settings) still sends the bucket there (it is the live one; the
+    target copy is overwritten), the target's once the deployed MAP sends the
+    bucket to the target: then only missing rows are copied, and a source row
+    whose target copy differs is left in place and reported in
+    ``result.differ`` rather than written over the live row.
+
+    ``keep_source=True`` copies and verifies but deletes nothing: deploy the
+    new MAP, then :func:`cleanup_reshard` deletes the old copies. Holds
+    :func:`reshard_lock` throughout.
     """
     sharding = (conf._settings or conf.get()).sharding
     if batch_size is None:
@@ -816,43 +956,138 @@ def apply_reshard(
     say = progress or (lambda line: None)
     started = time.monotonic()
     result = ReshardResult()
-    pairs: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for move in plan_reshard(group, new_map):
-        if move.total:
-            pairs[(move.source, move.target)].append(move.bucket)
-    for (source, target), buckets in pairs.items():
-        for model in sharded_models(group):
-            moved = _move_rows(
-                model, source, target, buckets, batch_size, say, result, after_batch
-            )
-            left = sum(
-                n for b, n in bucket_rows(model, source).items() if b in set(buckets)
-            )
-            if left:
-                raise ReshardError(
-                    f"{model._meta.label}: {left} rows of the moved buckets are still on "
-                    f"{source!r} (written during the move?); run again."
+    home = sharding.groups[group].alias_by_bucket
+    with reshard_lock(group):
+        # (source, target, whether the deployed MAP already sends there) -> buckets
+        jobs: dict[tuple[str, str, bool], list[int]] = defaultdict(list)
+        planned: Counter[tuple[str, str, bool, str]] = Counter()
+        for move in plan_reshard(group, new_map):
+            if move.total:
+                job = (move.source, move.target, home[move.bucket] == move.target)
+                jobs[job].append(move.bucket)
+                for label, n in move.rows.items():
+                    planned[(*job, label)] += n
+        for (source, target, live_target), buckets in jobs.items():
+            for model in sharded_models(group):
+                label = model._meta.label
+                total = planned[(source, target, live_target, label)]
+                if not total:
+                    continue
+                kept = result.differ[label]
+                moved = _copy_rows(
+                    model,
+                    source,
+                    target,
+                    buckets,
+                    batch_size=batch_size,
+                    overwrite=not live_target,
+                    delete=not keep_source,
+                    total=total,
+                    say=say,
+                    result=result,
+                    after_batch=after_batch,
                 )
-            if moved:
-                say(
-                    f"{model._meta.label}: {source} -> {target}: {moved} rows moved, verified"
+                if keep_source:
+                    say(f"{label}: {source} -> {target}: {moved} rows copied, verified")
+                    continue
+                wanted = set(buckets)
+                left = sum(
+                    n for b, n in bucket_rows(model, source).items() if b in wanted
                 )
+                left -= result.differ[label] - kept  # left in place on purpose
+                if left > 0:
+                    raise ReshardError(
+                        f"{label}: {left} rows of the moved buckets are still on "
+                        f"{source!r} (written during the move?); run again."
+                    )
+                say(f"{label}: {source} -> {target}: {moved} rows moved, verified")
     result.seconds = time.monotonic() - started
     return result
 
 
-def _move_rows(
+def cleanup_reshard(
+    group: str,
+    *,
+    batch_size: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ReshardResult:
+    """Delete the copies ``apply_reshard(keep_source=True)`` left behind.
+
+    Under the deployed MAP (settings), on every database of the group: a row
+    whose bucket maps to another database is deleted when an identical row
+    (every column equal) is on that database; otherwise it stays and is
+    counted in ``result.differ`` (the copies differ: written on the old
+    database after the copy?) or ``result.missing`` (no copy there: written
+    on the old database after the copy, or deleted on the new one since).
+    Holds :func:`reshard_lock`.
+    """
+    sharding = (conf._settings or conf.get()).sharding
+    if batch_size is None:
+        batch_size = sharding.reshard_batch_size
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(
+            f"cleanup_reshard(batch_size={batch_size!r}): must be an int >= 1"
+        )
+    say = progress or (lambda line: None)
+    started = time.monotonic()
+    result = ReshardResult()
+    cfg = sharding.groups[group]
+    home = cfg.alias_by_bucket
+    with reshard_lock(group):
+        for alias in cfg.shards:
+            for model in sharded_models(group):
+                strays: dict[str, list[int]] = defaultdict(list)
+                total: Counter[str] = Counter()
+                for bucket, n in sorted(bucket_rows(model, alias).items()):
+                    if bucket < len(home) and home[bucket] != alias:
+                        strays[home[bucket]].append(bucket)
+                        total[home[bucket]] += n
+                for target, buckets in strays.items():
+                    _copy_rows(
+                        model,
+                        alias,
+                        target,
+                        buckets,
+                        batch_size=batch_size,
+                        overwrite=False,
+                        delete=True,
+                        copy=False,
+                        total=total[target],
+                        say=say,
+                        result=result,
+                        after_batch=None,
+                    )
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _copy_rows(
     model: type[Model],
     source: str,
     target: str,
     buckets: list[int],
+    *,
     batch_size: int,
+    overwrite: bool,
+    delete: bool,
+    total: int,
     say: Callable[[str], None],
     result: ReshardResult,
     after_batch: Callable[[int], None] | None,
+    copy: bool = True,
 ) -> int:
+    """Copy (or with ``copy=False`` only compare) the rows of ``buckets`` from
+    ``source`` to ``target`` in keyset batches, and delete the verified ones.
+
+    ``overwrite``: the source is the live copy; upsert it over the target's.
+    Otherwise the target's copy is the live one: missing rows are inserted
+    (unless ``copy=False``), and a source row is deleted only when an
+    identical row is on the target.
+    """
     meta = model._meta
     pk: Any = meta.pk
+    columns = [f.attname for f in meta.concrete_fields]
+    key_at = columns.index(pk.attname)
     fields = [f.name for f in meta.concrete_fields if not f.primary_key]
     base = model._base_manager
     conn = connections[source]
@@ -861,52 +1096,82 @@ def _move_rows(
         f"WHERE {conn.ops.quote_name(pk.column)} = ANY(%s)"
     )
     label = meta.label
-    moved = 0
+    scan = (
+        base.using(source)
+        .annotate(
+            _scalekit_bucket=F("pk")
+            .bitrightshift(ID_BUCKET_SHIFT)
+            .bitand(ID_BUCKET_MASK)
+        )
+        .filter(_scalekit_bucket__in=buckets)
+        .order_by("pk")
+    )
+    done = 0
+    last_pk: int | None = None
     while True:
         with transaction.atomic(using=source):
-            rows = list(
-                base.using(source)
-                .annotate(
-                    _scalekit_bucket=F("pk")
-                    .bitrightshift(ID_BUCKET_SHIFT)
-                    .bitand(ID_BUCKET_MASK)
-                )
-                .filter(_scalekit_bucket__in=buckets)
-                .order_by("pk")
-                .select_for_update()[:batch_size]
-            )
+            # Keyset paging: the primary key index from where the last batch
+            # ended, not a scan and sort of the whole table per batch.
+            page = scan if last_pk is None else scan.filter(pk__gt=last_pk)
+            rows = list(page.select_for_update()[:batch_size])
             if not rows:
-                return moved
+                return done
+            last_pk = rows[-1].pk
             pks = [row.pk for row in rows]
-            with transaction.atomic(using=target):
-                if fields:
-                    base.using(target).bulk_create(
-                        rows,
-                        update_conflicts=True,
-                        unique_fields=[pk.name],
-                        update_fields=fields,
+            if copy:
+                with transaction.atomic(using=target):
+                    if overwrite and fields:
+                        base.using(target).bulk_create(
+                            rows,
+                            update_conflicts=True,
+                            unique_fields=[pk.name],
+                            update_fields=fields,
+                        )
+                    else:
+                        base.using(target).bulk_create(rows, ignore_conflicts=True)
+            there = {
+                values[key_at]: values
+                for values in base.using(target)
+                .filter(pk__in=pks)
+                .values_list(*columns)
+                .order_by()
+            }
+            if copy and len(there) != len(pks):
+                raise ReshardError(
+                    f"{label}: {len(pks)} rows copied from {source!r} but {len(there)} "
+                    f"found on {target!r}; nothing deleted from {source!r}."
+                )
+            verified = []
+            for row in rows:
+                theirs = there.get(row.pk)
+                if overwrite or theirs == tuple(getattr(row, c) for c in columns):
+                    verified.append(row.pk)
+                    continue
+                (result.missing if theirs is None else result.differ)[label] += 1
+                if len(result.examples) < 10:
+                    how = "missing" if theirs is None else "differs"
+                    result.examples.append(
+                        f"{label} {row.pk} on {source!r} ({how} on {target!r})"
                     )
-                else:
-                    base.using(target).bulk_create(rows, ignore_conflicts=True)
-            there = base.using(target).filter(pk__in=pks).count()
-            if there != len(pks):
-                raise ReshardError(
-                    f"{label}: {len(pks)} rows copied from {source!r} but {there} found on "
-                    f"{target!r}; nothing deleted from {source!r}."
-                )
-            with conn.cursor() as cursor:
-                cursor.execute(delete_sql, [pks])
-                deleted = cursor.rowcount
-            if deleted != len(pks):
-                raise ReshardError(
-                    f"{label}: deleting {len(pks)} moved rows from {source!r} removed "
-                    f"{deleted}; rolled back."
-                )
-        moved += len(pks)
-        result.rows += len(pks)
+            if delete and verified:
+                with conn.cursor() as cursor:
+                    cursor.execute(delete_sql, [verified])
+                    deleted = cursor.rowcount
+                if deleted != len(verified):
+                    raise ReshardError(
+                        f"{label}: deleting {len(verified)} verified rows from {source!r} "
+                        f"removed {deleted}; rolled back."
+                    )
+        done += len(verified) if delete else len(pks)
+        result.rows += len(verified) if delete else len(pks)
         result.batches += 1
-        result.by_model[label] += len(pks)
-        say(f"{label}: {source} -> {target}: {moved} rows moved")
+        result.by_model[label] += len(verified) if delete else len(pks)
+        seen = max(total, done)
+        verb = ("moved" if copy else "deleted") if delete else "copied"
+        say(
+            f"{label}: {source} -> {target}: {done} of {seen} rows {verb} "
+            f"({100 * done / seen:.0f}%)"
+        )
         if after_batch is not None:
             after_batch(result.batches)
 

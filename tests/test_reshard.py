@@ -1,14 +1,17 @@
 from __future__ import annotations
 
 import json
+import re
 from io import StringIO
 
+import psycopg
 import pytest
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connections
 from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 
 from django_scalekit import sharding
 from django_scalekit.routers import use_primary
@@ -97,6 +100,7 @@ def test_apply_moves_every_row_once_and_the_new_map_finds_them(rows):
         json.dumps(THREE),
         "--batch-size",
         "50",
+        "--noinput",
         stdout=out,
     )
     assert everywhere() == before  # none lost, none duplicated
@@ -113,7 +117,7 @@ def test_apply_moves_every_row_once_and_the_new_map_finds_them(rows):
             assert Order.objects.for_key(order.customer_id).filter(pk=order.pk).exists()
         # Run again under the new map: nothing is left to move.
         out = StringIO()
-        call_command("scalekit_reshard", "--apply", stdout=out)
+        call_command("scalekit_reshard", "--apply", "--noinput", stdout=out)
         assert "No rows to move." in out.getvalue()
 
 
@@ -173,3 +177,250 @@ def test_connections_untouched_by_plan():
     call_command("scalekit_reshard", "--plan", json.dumps(TWO), stdout=out)
     assert "0 of 1024 buckets change database; 0 rows move." in out.getvalue()
     assert connections["shard0"].in_atomic_block is False
+
+
+def test_batches_page_by_primary_key(rows):
+    # Each batch after the first starts after the last ID of the one before
+    # (an index range scan), rather than scanning the table again.
+    with CaptureQueriesContext(connections["shard0"]) as queries:
+        sharding.apply_reshard(
+            "orders", sharding.parse_map("orders", THREE), batch_size=25
+        )
+    scans = [
+        q["sql"]
+        for q in queries.captured_queries
+        if "FOR UPDATE" in q["sql"] and "shardapp_order" in q["sql"]
+    ]
+    assert len(scans) > 3
+    after = re.compile(r'"shardapp_order"\."id" > \d+')
+    assert not after.search(scans[0])
+    assert all(after.search(sql) for sql in scans[1:])
+    assert all("LIMIT 25" in sql for sql in scans)
+
+
+def test_apply_prints_progress_with_totals(rows):
+    out = StringIO()
+    call_command(
+        "scalekit_reshard",
+        "--apply",
+        json.dumps(THREE),
+        "--batch-size",
+        "40",
+        "--noinput",
+        stdout=out,
+    )
+    text = out.getvalue()
+    lines = re.findall(
+        r"shardapp\.Order: shard0 -> shard2: (\d+) of (\d+) rows moved \((\d+)%\)", text
+    )
+    assert len(lines) > 1
+    done, total, pct = lines[-1]
+    assert done == total and pct == "100"
+    assert int(lines[0][0]) == 40 and lines[0][2] == str(round(4000 / int(total)))
+    assert re.search(
+        r"Moved \d+ rows \(shardapp\.Event \d+, shardapp\.Order \d+\)", text
+    )
+
+
+class FakeTTY(StringIO):
+    def isatty(self):
+        return True
+
+
+def test_apply_runs_unattended_after_printing_the_plan(rows):
+    # A script or call_command(): nobody to ask, so no prompt that would hang.
+    before = everywhere()
+    out = StringIO()
+    call_command("scalekit_reshard", "--apply", json.dumps(THREE), stdout=out)
+    text = out.getvalue()
+    assert text.index("341 of 1024 buckets change database") < text.index(
+        "stdin is not a terminal: going ahead"
+    )
+    assert table("shard2") and everywhere() == before
+
+
+def test_apply_asks_for_confirmation(rows, monkeypatch):
+    before = everywhere()
+    monkeypatch.setattr("sys.stdin", FakeTTY())
+    answers = iter(["no", "yes"])
+    asked = []
+
+    def answer(prompt):
+        asked.append(prompt)
+        return next(answers)
+
+    monkeypatch.setattr("builtins.input", answer)
+    with pytest.raises(CommandError, match="Cancelled: nothing was changed"):
+        call_command(
+            "scalekit_reshard", "--apply", json.dumps(THREE), stdout=StringIO()
+        )
+    assert table("shard2") == []
+    out = StringIO()
+    call_command("scalekit_reshard", "--apply", json.dumps(THREE), stdout=out)
+    assert "Type 'yes'" in asked[0] and len(asked) == 2
+    assert table("shard2") and everywhere() == before
+
+
+def test_apply_without_a_map_says_it_uses_the_settings_map(rows):
+    # The settings map (TWO) is where the rows already are: nothing moves,
+    # and the command says which map it used.
+    out = StringIO()
+    call_command("scalekit_reshard", "--apply", stdout=out)
+    assert "No NEW_MAP given" in out.getvalue() and "No rows to move." in out.getvalue()
+
+
+def test_keep_source_then_deploy_then_cleanup(rows):
+    orders, events = rows
+    before = everywhere()
+    out = StringIO()
+    call_command(
+        "scalekit_reshard",
+        "--apply",
+        json.dumps(THREE),
+        "--keep-source",
+        "--noinput",
+        stdout=out,
+    )
+    assert "rows copied" in out.getvalue() and "--cleanup" in out.getvalue()
+    moving = [row for row in before if row in table("shard2")]
+    assert moving and everywhere() == sorted(before + moving)  # copies, no loss
+    # Reads under the old map (still deployed) find every row where it was.
+    with use_primary():
+        for order in orders[::20]:
+            assert Order.objects.for_key(order.customer_id).filter(pk=order.pk).exists()
+    # Running it again before the deploy refreshes the copies: nothing doubles.
+    sharding.apply_reshard(
+        "orders", sharding.parse_map("orders", THREE), keep_source=True
+    )
+    assert everywhere() == sorted(before + moving)
+    with three_shards():
+        with use_primary():  # the new map finds the copies at once
+            for order in orders[::20]:
+                assert (
+                    Order.objects.get_by_id(order.pk).customer_id == order.customer_id
+                )
+        out = StringIO()
+        call_command("scalekit_reshard", "--cleanup", "--noinput", stdout=out)
+        assert f"{len(moving) + len(table('shard2', Event))} rows are on a" in (
+            out.getvalue()
+        )
+        assert "Deleted" in out.getvalue()
+        assert everywhere() == before
+        placement_is(THREE)
+        placement_is(THREE, Event)
+        out = StringIO()
+        call_command("scalekit_reshard", "--cleanup", "--noinput", stdout=out)
+        assert "Nothing to clean up." in out.getvalue()
+
+
+def test_cleanup_keeps_and_reports_copies_that_differ_or_are_missing(rows):
+    new_map = sharding.parse_map("orders", THREE)
+    sharding.apply_reshard("orders", new_map, keep_source=True)
+    on_new = [pk for pk, _ in table("shard2")]
+    changed, gone = on_new[0], on_new[1]
+    # A write on the old database after the copy, and a row deleted on the
+    # new one: neither old copy may be deleted.
+    src = (
+        "shard0"
+        if Order.objects.using("shard0").filter(pk=changed).exists()
+        else "shard1"
+    )
+    Order._base_manager.using(src).filter(pk=changed).update(amount=-1)
+    Order._base_manager.using("shard2").filter(pk=gone).delete()
+    with three_shards():
+        out = StringIO()
+        with pytest.raises(CommandError, match="1 shardapp.Order rows differ") as exc:
+            call_command("scalekit_reshard", "--cleanup", "--noinput", stdout=out)
+        assert "1 shardapp.Order rows have no copy" in str(exc.value)
+        assert f"shardapp.Order {changed}" in str(exc.value)
+        left = {pk for alias in ("shard0", "shard1") for pk, _ in table(alias)}
+        assert changed in left and gone in left
+        assert not (set(on_new) - {changed, gone}) & left  # the rest were deleted
+
+
+def test_sweep_after_deploy_does_not_overwrite_the_live_row(rows):
+    # After the deploy the new database is the live one: a stale row left on
+    # the old database is reported, not copied over the newer one.
+    new_map = sharding.parse_map("orders", THREE)
+    sharding.apply_reshard("orders", new_map)
+    (pk, key), *_ = table("shard2")
+    stale = Order._base_manager.using("shard2").get(pk=pk)
+    old = "shard0" if shard_bucket(key) < 512 else "shard1"
+    Order._base_manager.using(old).bulk_create([stale])  # a stale copy
+    with three_shards():
+        Order.objects.for_key(key).filter(pk=pk).update(amount=12345)
+        with pytest.raises(CommandError, match="1 shardapp.Order rows differ"):
+            call_command("scalekit_reshard", "--apply", "--noinput", stdout=StringIO())
+        assert Order._base_manager.using("shard2").get(pk=pk).amount == 12345
+        assert Order._base_manager.using(old).filter(pk=pk).exists()
+
+
+def test_a_second_run_is_refused_while_one_holds_the_lock(rows):
+    before = {alias: table(alias) for alias in SHARDS}
+    db = connections["shard1"].settings_dict
+    lock = sharding.reshard_lock_id("orders")
+    with psycopg.connect(
+        host=db["HOST"], port=db["PORT"], user=db["USER"], dbname=db["NAME"]
+    ) as other:
+        assert other.execute("SELECT pg_try_advisory_lock(%s)", [lock]).fetchone()[0]
+        with pytest.raises(
+            CommandError, match="another scalekit_reshard of group 'orders'"
+        ):
+            call_command(
+                "scalekit_reshard",
+                "--apply",
+                json.dumps(THREE),
+                "--noinput",
+                stdout=StringIO(),
+            )
+        with (
+            three_shards(),
+            pytest.raises(CommandError, match="holds the advisory lock .* on 'shard1'"),
+        ):
+            call_command(
+                "scalekit_reshard", "--cleanup", "--noinput", stdout=StringIO()
+            )
+        assert {alias: table(alias) for alias in SHARDS} == before
+        # Our own lock on shard0 was released when shard1 refused.
+        with connections["shard0"].cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                "AND pid = pg_backend_pid()"
+            )
+            assert cursor.fetchone()[0] == 0
+    call_command(
+        "scalekit_reshard", "--apply", json.dumps(THREE), "--noinput", stdout=StringIO()
+    )
+    placement_is(THREE)
+
+
+def test_ctrl_c_says_it_is_safe_to_run_again(rows, monkeypatch):
+    before = everywhere()
+    real = sharding.apply_reshard
+
+    def interrupted(*args, **kwargs):
+        def stop(batches):
+            if batches == 2:
+                raise KeyboardInterrupt
+
+        return real(*args, after_batch=stop, **kwargs)
+
+    monkeypatch.setattr(sharding, "apply_reshard", interrupted)
+    with pytest.raises(CommandError, match="safe to run the same command again") as exc:
+        call_command(
+            "scalekit_reshard",
+            "--apply",
+            json.dumps(THREE),
+            "--batch-size",
+            "30",
+            "--noinput",
+            stdout=StringIO(),
+        )
+    assert exc.value.returncode == 130
+    assert everywhere() == before and len(table("shard2")) == 60
+    monkeypatch.setattr(sharding, "apply_reshard", real)
+    call_command(
+        "scalekit_reshard", "--apply", json.dumps(THREE), "--noinput", stdout=StringIO()
+    )
+    assert everywhere() == before
+    placement_is(THREE)

@@ -290,6 +290,45 @@ def test_misdeclared_sharded_models():
     assert checks.check_sharded_model(Order, cfg) == []
 
 
+@isolate_apps("tests.shardapp")
+def test_foreign_keys_within_a_group_need_the_same_kind_of_key():
+    cfg = conf.get().sharding
+
+    class Line(ShardedModel, models.Model):  # noqa: DJ008
+        shard_group = "orders"
+        shard_key = "customer_id"
+        id = ShardedIDField(primary_key=True)
+        customer_id = models.BigIntegerField()
+        order = models.ForeignKey(Order, on_delete=models.CASCADE)
+        objects = ShardedManager()
+
+        class Meta:
+            app_label = "shardapp"
+
+    class ByText(ShardedModel, models.Model):  # noqa: DJ008
+        shard_group = "orders"
+        shard_key = "customer"
+        id = ShardedIDField(primary_key=True)
+        customer = models.CharField(max_length=20)
+        order = models.ForeignKey(Order, on_delete=models.CASCADE)
+        event = models.ForeignKey(Event, on_delete=models.CASCADE)  # UUID: text
+        objects = ShardedManager()
+
+        class Meta:
+            app_label = "shardapp"
+
+    assert checks.check_sharded_model(Line, cfg) == []
+    (error,) = checks.check_sharded_model(ByText, cfg)
+    assert error.id == "scalekit.E118"
+    assert "ByText.order" in error.msg and "BigIntegerField" in error.msg
+    # At save: a child whose key sends it to another bucket than its
+    # parent's ID is refused before anything is written.
+    a, b = keys_on("shard0", 2)
+    parent_id = sharding.compose_id(sharding.ID_EPOCH_MS + 5, shard_bucket(a), 1)
+    with pytest.raises(ShardingError, match=r"Line.order is shardapp.Order .*E118"):
+        Line(customer_id=b, order_id=parent_id).save()
+
+
 # --- Routing ----------------------------------------------------------------
 
 
@@ -323,6 +362,16 @@ def test_save_without_key_is_refused_and_writes_nothing():
 def test_for_key_validates_the_key():
     with pytest.raises(ValueError, match="key must not be empty"):
         Order.objects.for_key(None)
+    with pytest.raises(
+        ValueError, match=r"for_key\(key='abc'\): not a valid Order.customer_id"
+    ):
+        Order.objects.for_key("abc")
+    with pytest.raises(ValueError, match=r"on_shard_of\(key='abc'\)"):
+        Order.objects.on_shard_of("abc")
+    with pytest.raises(
+        ValueError, match=r"for_key\(key='nope'\): not a valid Event.account"
+    ):
+        Event.objects.for_key("nope")
     with pytest.raises(TypeError, match="get_by_id"):
         Order.objects.get_by_id("12")
 
@@ -361,6 +410,23 @@ class TestPlacement:
                 order.customer_id,
                 order._state.db,
             )
+
+    def test_for_key_returns_only_that_keys_rows(self):
+        a, b = keys_on("shard0", 2)
+        for k, n in ((a, 3), (b, 2)):
+            Order.objects.bulk_create([Order(customer_id=k) for _ in range(n)])
+        with use_primary():
+            assert Order.objects.for_key(a).count() == 3
+            assert Order.objects.for_key(str(b)).count() == 2
+            assert {o.customer_id for o in Order.objects.for_key(a)} == {a}
+            assert Order.objects.for_key(a).filter(status="new").count() == 3
+            assert Order.objects.for_key(a).update(status="paid") == 3
+            assert Order.objects.for_key(b).filter(status="paid").count() == 0
+            # The shard-only routing: every row on a's shard, whatever its key.
+            assert Order.objects.on_shard_of(a).count() == 5
+            assert Order.objects.on_shard_of(a).db == "shard0"
+            assert Order.objects.for_key(a).delete()[0] == 3
+        assert sorted(k for _, k in table("shard0")) == [b, b]
 
     def test_uuid_keys(self):
         event = Event.objects.create(kind="signup")

@@ -4,12 +4,19 @@
 how many rows each carries, changing nothing. ``--apply [NEW_MAP]`` moves the
 rows in batches (see ``django_scalekit.sharding.apply_reshard``); without a
 map it uses the group's MAP in settings, which moves any rows left on a
-database their bucket no longer maps to. NEW_MAP is JSON, inline or
+database their bucket no longer maps to. ``--apply NEW_MAP --keep-source``
+copies without deleting; after the new MAP is deployed, ``--cleanup`` deletes
+the old copies that are identical to the new ones. NEW_MAP is JSON, inline or
 ``@path/to/file.json``: ``{"0-340": "shard0", "341-511": "shard2", ...}``.
+
+``--apply`` and ``--cleanup`` show the plan and, at a terminal, ask for
+confirmation unless ``--noinput``; unattended (stdin not a terminal: a
+script, ``call_command()``) they go ahead after printing it.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +51,10 @@ def _ranges(
 
 
 class Command(BaseCommand):
-    help = "Plan (--plan NEW_MAP) or apply (--apply [NEW_MAP]) a new bucket map of a shard group."
+    help = (
+        "Plan (--plan NEW_MAP), apply (--apply [NEW_MAP] [--keep-source]) or clean "
+        "up after (--cleanup) a new bucket map of a shard group."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         action = parser.add_mutually_exclusive_group(required=True)
@@ -60,6 +70,18 @@ class Command(BaseCommand):
             const="",
             help="Move rows to where NEW_MAP (default: the MAP in settings) puts their bucket.",
         )
+        action.add_argument(
+            "--cleanup",
+            action="store_true",
+            help="After --apply --keep-source and the deploy of the new MAP: delete rows "
+            "on a database the MAP in settings no longer sends their bucket to, when an "
+            "identical copy is on the bucket's database; report the others.",
+        )
+        parser.add_argument(
+            "--keep-source",
+            action="store_true",
+            help="With --apply: copy and verify, delete nothing (then deploy, then --cleanup).",
+        )
         parser.add_argument(
             "--group",
             help="Shard group (needed when SCALEKIT['SHARDING'] has several).",
@@ -68,6 +90,13 @@ class Command(BaseCommand):
             "--batch-size",
             type=int,
             help="Rows per batch (default RESHARD_BATCH_SIZE).",
+        )
+        parser.add_argument(
+            "--noinput",
+            "--no-input",
+            action="store_false",
+            dest="interactive",
+            help="Do not ask for confirmation (needed when stdin is not a terminal).",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -87,6 +116,14 @@ class Command(BaseCommand):
                 f"--group {name!r} is not in SCALEKIT['SHARDING']['GROUPS']."
             )
         group = groups[name]
+        if options["keep_source"] and options["apply"] is None:
+            raise CommandError("--keep-source goes with --apply NEW_MAP.")
+        batch = options["batch_size"]
+        if batch is not None and batch < 1:
+            raise CommandError("--batch-size must be >= 1")
+        if options["cleanup"]:
+            self._cleanup(name, group, batch, options["interactive"])
+            return
         raw = options["plan"] if options["plan"] is not None else options["apply"]
         if raw:
             if raw.startswith("@"):
@@ -100,11 +137,13 @@ class Command(BaseCommand):
                 raise CommandError(f"Invalid new map: {exc}") from exc
         else:
             new_map = group.alias_by_bucket
-        batch = options["batch_size"]
-        if batch is not None and batch < 1:
-            raise CommandError("--batch-size must be >= 1")
 
         moves = sharding.plan_reshard(name, new_map)
+        if options["apply"] is not None and not raw:
+            self.stdout.write(
+                "No NEW_MAP given: moving rows to where the MAP in settings puts their "
+                "bucket. (Is the new MAP deployed? If not, this moves rows back.)"
+            )
         self._print_plan(name, group, moves)
         if options["plan"] is not None:
             self.stdout.write("Plan only: nothing was changed.")
@@ -112,31 +151,133 @@ class Command(BaseCommand):
         if not any(m.total for m in moves):
             self.stdout.write("No rows to move.")
             return
+        keep = options["keep_source"]
+        self._confirm(
+            options["interactive"],
+            "copy these rows (nothing is deleted)"
+            if keep
+            else "move these rows (copied, verified, then deleted from the old database)",
+        )
         try:
             result = sharding.apply_reshard(
                 name,
                 new_map,
                 batch_size=batch,
                 progress=lambda line: self.stdout.write(line),
+                keep_source=keep,
             )
+        except KeyboardInterrupt:
+            raise CommandError(
+                "Interrupted. Every row is on its old database, or verified on its new "
+                "one (and on the old one too if its batch had not committed): it is safe "
+                "to run the same command again to finish.",
+                returncode=130,
+            ) from None
+        except sharding.ReshardLocked as exc:
+            raise CommandError(str(exc)) from exc
         except (sharding.ShardingError, DatabaseError) as exc:
             raise CommandError(
                 f"Resharding stopped: {exc}. Every row is still on its old database or "
                 "safely copied; run the same command again to finish."
             ) from exc
         rate = result.rows / result.seconds if result.seconds else 0.0
+        done = "Copied" if keep else "Moved"
+        detail = ", ".join(
+            f"{label} {n}" for label, n in sorted(result.by_model.items())
+        )
         self.stdout.write(
             self.style.SUCCESS(
-                f"Moved {result.rows} rows in {result.batches} batches, {result.seconds:.1f} s "
-                f"({rate:.0f} rows/s); every moved row verified on its new database."
+                f"{done} {result.rows} rows ({detail}) in {result.batches} batches, "
+                f"{result.seconds:.1f} s ({rate:.0f} rows/s); every "
+                f"{done.lower()} row verified on its new database."
             )
         )
+        self._report_conflicts(result)
         if tuple(new_map) != group.alias_by_bucket:
-            self.stdout.write(
-                f'Now set SCALEKIT["SHARDING"]["GROUPS"][{name!r}]["MAP"] to the new map and '
-                "deploy, then run `manage.py scalekit_reshard --apply` once more to move rows "
+            then = (
+                "then run `manage.py scalekit_reshard --cleanup` to delete the old copies."
+                if keep
+                else "then run `manage.py scalekit_reshard --apply` once more to move rows "
                 "written to the old databases in between."
             )
+            self.stdout.write(
+                f'Now set SCALEKIT["SHARDING"]["GROUPS"][{name!r}]["MAP"] to the new map and '
+                f"deploy, {then}"
+            )
+
+    def _cleanup(
+        self, name: str, group: conf.ShardGroup, batch: int | None, interactive: bool
+    ) -> None:
+        moves = sharding.plan_reshard(name, group.alias_by_bucket)
+        total = sum(m.total for m in moves)
+        self.stdout.write(
+            f"Shard group {name!r}: {total} rows are on a database the MAP in settings "
+            "does not send their bucket to."
+        )
+        for buckets, run in _ranges(moves):
+            self.stdout.write(
+                f"  buckets {buckets}: on {run[0].source}, belong on {run[0].target}: "
+                f"{sum(m.total for m in run)} rows"
+            )
+        if not total:
+            self.stdout.write("Nothing to clean up.")
+            return
+        self._confirm(
+            interactive,
+            "delete each of these rows whose identical copy is on its bucket's database",
+        )
+        try:
+            result = sharding.cleanup_reshard(
+                name, batch_size=batch, progress=lambda line: self.stdout.write(line)
+            )
+        except KeyboardInterrupt:
+            raise CommandError(
+                "Interrupted. Only rows with an identical copy on their bucket's database "
+                "were deleted: it is safe to run the same command again.",
+                returncode=130,
+            ) from None
+        except (sharding.ShardingError, DatabaseError) as exc:
+            raise CommandError(f"Cleanup stopped: {exc}. Run it again.") from exc
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"Deleted {result.rows} old copies in {result.batches} batches, "
+                f"{result.seconds:.1f} s."
+            )
+        )
+        self._report_conflicts(result)
+
+    def _report_conflicts(self, result: sharding.ReshardResult) -> None:
+        if not result.conflicts:
+            return
+        kinds = [
+            f"{n} {label} rows {how}"
+            for how, counts in (
+                ("differ from their copy", result.differ),
+                ("have no copy", result.missing),
+            )
+            for label, n in sorted(counts.items())
+        ]
+        raise CommandError(
+            "Left in place: "
+            + ", ".join(kinds)
+            + " on the database the MAP in settings sends their bucket to (written on the "
+            "old database after the copy, or changed on the new one since?). Compare "
+            "and resolve them by hand, e.g.: " + "; ".join(result.examples)
+        )
+
+    def _confirm(self, interactive: bool, what: str) -> None:
+        if not interactive:
+            return
+        if not sys.stdin.isatty():
+            # A script, a CI job or call_command(): nobody to ask, and waiting
+            # for an answer would hang it.
+            self.stdout.write(
+                "stdin is not a terminal: going ahead without asking (plan above)."
+            )
+            return
+        answer = input(f"About to {what}. Type 'yes' to continue: ")
+        if answer.strip().lower() != "yes":
+            raise CommandError("Cancelled: nothing was changed.")
 
     def _print_plan(
         self, name: str, group: conf.ShardGroup, moves: list[sharding.BucketMove]
