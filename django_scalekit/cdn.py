@@ -6,15 +6,19 @@
 
 1. a response that already has ``Cache-Control`` or ``Expires`` (the view used
    ``cache_control``, ``never_cache``, ``cache_page``...) keeps the view's
-   choice, unless that choice lets a shared cache store a per-user response:
-   then ``private`` is added (``public`` and ``s-maxage`` dropped);
+   choice, unless that choice lets a shared cache store what the safety rule
+   forbids (an unsafe method, a status outside ``CACHEABLE_STATUSES``, a
+   per-user response): then ``private`` is added (``public`` and
+   ``s-maxage`` dropped);
 2. unsafe methods and statuses outside ``CACHEABLE_STATUSES`` get ``no-store``;
 3. a response that sets a cookie, answers a request carrying
    ``Authorization``, read the session or loaded the user, varies on the
-   request's cookies, or will carry the pinning cookie (the request wrote) is
-   never shared: it gets the policy's private form (third-party cookies
-   alone keep a page public);
-4. otherwise the rule's policy applies as configured.
+   request's cookies, or will carry the session, messages, CSRF or pinning
+   cookie of a middleware below us, and a streamed body (generated after we
+   decide; ``FileResponse`` excepted) is never shared: it gets the policy's
+   private form (third-party cookies alone keep a page public);
+4. otherwise the rule's policy applies as configured, with ``Vary:
+   Authorization`` so no cache answers a request with credentials from it.
 
 A path under the static prefix gets a static-file policy only when it names a
 file the static files storage really serves (``serves_static_file``): a
@@ -35,6 +39,8 @@ from __future__ import annotations
 import http.client
 import logging
 import re
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import wraps
@@ -42,10 +48,12 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from asgiref.sync import iscoroutinefunction
+from django.conf import settings
 from django.contrib.staticfiles import views as staticfiles_views
 from django.contrib.staticfiles.storage import staticfiles_storage
 from django.core.signals import setting_changed
-from django.http import HttpRequest, HttpResponseBase
+from django.http import FileResponse, HttpRequest, HttpResponseBase
+from django.utils.cache import patch_vary_headers
 from django.utils.functional import LazyObject, empty
 
 from django_scalekit import conf, metrics, routers
@@ -202,7 +210,22 @@ def is_per_user(
     # Vary: Cookie would hand that page to logged-in users). Third-party
     # cookies (analytics) alone do not: a page that reads neither stays public.
     session = getattr(request, "session", None)
-    if session is not None and (session.modified or session.accessed):
+    if session is not None:
+        if session.modified or session.accessed:
+            return True
+        # SessionMiddleware below us saves (and sets the cookie of) every
+        # non-empty session when SESSION_SAVE_EVERY_REQUEST is on.
+        if not session.is_empty() and settings.SESSION_SAVE_EVERY_REQUEST:
+            return True
+    # MessageMiddleware below us stores queued messages in a cookie (or the
+    # session) and clears shown ones: a page that queued or showed one is
+    # this visitor's, and its Set-Cookie comes after us.
+    messages = request.__dict__.get("_messages")
+    if messages is not None and (
+        getattr(messages, "added_new", False)
+        or getattr(messages, "_queued_messages", None)
+        or getattr(messages, "_loaded_data", None)
+    ):
         return True
     # AuthenticationMiddleware's lazy user once loaded (sync or async), or a
     # plain user object a token/JWT middleware or DRF set on the request.
@@ -275,31 +298,36 @@ def _drop_cdn_headers(response: HttpResponseBase) -> None:
 def apply(request: HttpRequest, response: HttpResponseBase) -> None:
     """Set the caching headers of ``response`` (see the module docstring)."""
     cfg = conf.get().cdn
+    uncacheable = (
+        request.method not in _SAFE_METHODS
+        or response.status_code not in cfg.cacheable_statuses
+    )
     if response.has_header("Cache-Control") or response.has_header("Expires"):
         _responses.labels("view").inc()
         if not is_shared(response):
             _drop_cdn_headers(response)
-        elif is_per_user(request, response, cfg):
-            # The view's headers would let a CDN (one that ignores
-            # Vary: Cookie) hand this user's page to others.
+        elif uncacheable or is_per_user(request, response, cfg):
+            # The safety rule beats the view's choice: a CDN (one that
+            # ignores Vary: Cookie) would hand this user's page to others, or
+            # keep an error page or the answer to a POST.
             make_private(response)
             _downgrades.labels("view").inc()
         else:
+            patch_vary_headers(response, cfg.vary_on_private)
             view_tags = getattr(response, _TAGS_ATTR, ())
             if view_tags and cfg.tag_header:
                 _set_tags(response, cfg.tag_header, view_tags)
         return
-    if (
-        request.method not in _SAFE_METHODS
-        or response.status_code not in cfg.cacheable_statuses
-    ):
+    if uncacheable:
         response.headers["Cache-Control"] = "no-store"
         _drop_cdn_headers(response)
         _responses.labels("uncacheable").inc()
         return
     label, policy = _match(request.path, cfg, request, response)
     _responses.labels(label).inc()
-    if policy.cache in ("public", "no-cache") and is_per_user(request, response, cfg):
+    if policy.cache in ("public", "no-cache") and (
+        _streams_unseen(response) or is_per_user(request, response, cfg)
+    ):
         response.headers["Cache-Control"] = policy.private_cache_control
         _drop_cdn_headers(response)
         _downgrades.labels(label).inc()
@@ -309,6 +337,9 @@ def apply(request: HttpRequest, response: HttpResponseBase) -> None:
         # A private or no-store rule: whatever the view meant for the CDN.
         _drop_cdn_headers(response)
         return
+    # RFC 9111 section 3.5: "public" and "s-maxage" let a shared cache answer
+    # a request carrying Authorization with this anonymous copy; Vary stops it.
+    patch_vary_headers(response, cfg.vary_on_private)
     if policy.targeted is not None:
         for header in cfg.targeted_headers:
             if not response.has_header(header):
@@ -317,6 +348,16 @@ def apply(request: HttpRequest, response: HttpResponseBase) -> None:
         tags = (*policy.tags, *getattr(response, _TAGS_ATTR, ()))
         if tags:
             _set_tags(response, cfg.tag_header, tags)
+
+
+def _streams_unseen(response: HttpResponseBase) -> bool:
+    """Whether the body is generated after we decide (a streaming response).
+
+    Its generator may still read the session or the user, which we cannot
+    see yet: only a file's bytes (``FileResponse``, WhiteNoise's) are known
+    not to depend on the visitor.
+    """
+    return response.streaming and not isinstance(response, FileResponse)
 
 
 def _set_tags(response: HttpResponseBase, header: str, tags: Sequence[str]) -> None:
@@ -331,7 +372,7 @@ def _check_tags(tags: Iterable[str], argument: str) -> tuple[str, ...]:
         raise TypeError(f"{argument} must be an iterable of tags, not a str")
     checked = tuple(tags)
     for tag in checked:
-        if not isinstance(tag, str) or not conf.CDN_TAG_RE.match(tag):
+        if not isinstance(tag, str) or not conf.CDN_TAG_RE.fullmatch(tag):
             raise ValueError(
                 f"{argument}: {tag!r} is not a tag; use 1-128 letters, digits, "
                 "'_', '.', ':' or '-'"
@@ -437,17 +478,53 @@ class HTTPPurgeBackend:
         self.tag_header = TAG_HEADER
 
     def purge(self, urls: Sequence[str], tags: Sequence[str]) -> PurgeResult:
-        result = PurgeResult()
-        for endpoint in self.endpoints:
-            for url in urls:
-                parts = urlsplit(url)
-                path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-                headers = {"Host": parts.netloc} if parts.netloc else {}
-                self._send(result, endpoint, self.url_method, path, headers)
-            if tags:
-                headers = {self.tag_header: " ".join(tags)}
-                self._send(result, endpoint, self.tag_method, "/", headers)
-        return result
+        # One deadline for the whole purge, and every endpoint at once: a
+        # cache that never answers costs the request TIMEOUT, not TIMEOUT per
+        # URL per endpoint, and does not starve the other caches.
+        deadline = time.monotonic() + self.timeout
+        results = [PurgeResult() for _ in self.endpoints]
+        threads = [
+            threading.Thread(
+                target=self._purge_endpoint,
+                args=(result, endpoint, urls, tags, deadline),
+                name=f"scalekit-purge {endpoint.netloc}",
+                daemon=True,
+            )
+            for result, endpoint in zip(results, self.endpoints, strict=True)
+        ]
+        for thread in threads:
+            thread.start()
+        merged = PurgeResult()
+        for thread, result, endpoint in zip(
+            threads, results, self.endpoints, strict=True
+        ):
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                merged.errors.append(
+                    f"{endpoint.netloc}: no answer within the {self.timeout:g} s "
+                    "purge deadline"
+                )
+                continue
+            merged.purged += result.purged
+            merged.errors.extend(result.errors)
+        return merged
+
+    def _purge_endpoint(
+        self,
+        result: PurgeResult,
+        endpoint: Any,
+        urls: Sequence[str],
+        tags: Sequence[str],
+        deadline: float,
+    ) -> None:
+        for url in urls:
+            parts = urlsplit(url)
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            headers = {"Host": parts.netloc} if parts.netloc else {}
+            self._send(result, endpoint, self.url_method, path, headers, deadline)
+        if tags:
+            headers = {self.tag_header: " ".join(tags)}
+            self._send(result, endpoint, self.tag_method, "/", headers, deadline)
 
     def _send(
         self,
@@ -456,18 +533,27 @@ class HTTPPurgeBackend:
         method: str,
         path: str,
         headers: Mapping[str, str],
+        deadline: float,
     ) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            result.errors.append(
+                f"{method} {path} via {endpoint.netloc}: not sent, the "
+                f"{self.timeout:g} s purge deadline passed"
+            )
+            return
         cls = (
             http.client.HTTPSConnection
             if endpoint.scheme == "https"
             else http.client.HTTPConnection
         )
-        connection = cls(endpoint.hostname, endpoint.port, timeout=self.timeout)
+        connection = cls(endpoint.hostname, endpoint.port, timeout=remaining)
         try:
             connection.request(method, path, headers=dict(headers))
             response = connection.getresponse()
             response.read()
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            # ValueError: a URL or header http.client refuses to send.
             result.errors.append(f"{method} {path} via {endpoint.netloc}: {exc}")
             return
         finally:
@@ -484,31 +570,51 @@ class HTTPPurgeBackend:
 def purge(*, urls: Iterable[str] = (), tags: Iterable[str] = ()) -> PurgeResult:
     """Ask the CDN to drop ``urls`` and everything tagged with ``tags``.
 
-    Failures (an unreachable cache, a refused request) are logged as a
+    Failures (an unreachable cache, a refused request, a tag or URL no cache
+    can take, such as ``"café"`` built from user data) are logged as a
     WARNING, counted and returned in the result, never raised: a purge runs
-    in request paths, after the write that made it necessary.
+    in request paths, after the write that made it necessary. Only arguments
+    of the wrong type (``urls`` given as one ``str``) raise ``TypeError``.
     """
     if isinstance(urls, str):
         raise TypeError("urls must be an iterable of URLs, not a str")
-    url_list = list(urls)
-    for url in url_list:
-        if not isinstance(url, str) or not url:
-            raise TypeError(f"urls: {url!r} is not a URL")
-    tag_list = _check_tags(tags, "tags")
-    if not url_list and not tag_list:
-        return PurgeResult()
-    cfg = conf.get().cdn
-    try:
-        backend: PurgeBackend = (cfg.purge_backend or NoOpPurgeBackend)(
-            **cfg.purge_options
-        )
-        result = backend.purge(url_list, list(tag_list))
-    except Exception as exc:  # a backend bug must not break the request
-        result = PurgeResult(errors=[f"{type(exc).__name__}: {exc}"])
+    if isinstance(tags, str):
+        raise TypeError("tags must be an iterable of tags, not a str")
+    errors: list[str] = []
+    url_list = []
+    for url in urls:
+        if not isinstance(url, str):
+            raise TypeError(f"urls: {url!r} is not a URL (a str)")
+        if not url or not url.isascii() or any(c.isspace() for c in url):
+            errors.append(f"urls: {url!r} skipped, not a URL a cache can take")
+        else:
+            url_list.append(url)
+    tag_list = []
+    for tag in tags:
+        if not isinstance(tag, str):
+            raise TypeError(f"tags: {tag!r} is not a tag (a str)")
+        if conf.CDN_TAG_RE.fullmatch(tag):
+            tag_list.append(tag)
+        else:
+            errors.append(
+                f"tags: {tag!r} skipped; tags are 1-128 letters, digits, "
+                "'_', '.', ':' or '-'"
+            )
+    result = PurgeResult()
+    if url_list or tag_list:
+        cfg = conf.get().cdn
+        try:
+            backend: PurgeBackend = (cfg.purge_backend or NoOpPurgeBackend)(
+                **cfg.purge_options
+            )
+            result = backend.purge(url_list, tag_list)
+        except Exception as exc:  # a backend bug must not break the request
+            result = PurgeResult(errors=[f"{type(exc).__name__}: {exc}"])
+    result.errors[:0] = errors
     if result.errors:
         _purges.labels("error").inc()
         logger.warning("CDN purge incomplete: %s", "; ".join(result.errors))
-    else:
+    elif url_list or tag_list:
         _purges.labels("ok").inc()
     return result
 

@@ -879,6 +879,9 @@ class CDNSettings:
     #: Lower-cased header names that, in ``Vary``, make a response per-user
     #: when the request carried them.
     private_vary: frozenset[str] = frozenset({"cookie", "authorization"})
+    #: ``PRIVATE_REQUEST_HEADERS`` as written, added to ``Vary`` of shared
+    #: responses so no cache answers a request carrying one with them.
+    vary_on_private: tuple[str, ...] = ("Authorization",)
     targeted_headers: tuple[str, ...] = ()
     tag_header: str | None = "Surrogate-Key"
     purge_backend: type[Any] | None = None
@@ -909,7 +912,7 @@ def _cdn_tags(b: _Builder, value: object, where: str) -> tuple[str, ...]:
             f'Set {where} = ["products"], for example.',
         )
         return ()
-    bad = [t for t in value if not isinstance(t, str) or not CDN_TAG_RE.match(t)]
+    bad = [t for t in value if not isinstance(t, str) or not CDN_TAG_RE.fullmatch(t)]
     if bad:
         b.error(
             "scalekit.E307",
@@ -1103,6 +1106,9 @@ def _build_cdn(b: _Builder, raw: Mapping[str, Any]) -> CDNSettings:
         # RFC 9111 section 3.5: a public directive would let shared caches
         # store answers to authenticated requests.
         private_headers = ["Authorization", *private_headers]
+    vary_on_private: dict[str, str] = {}
+    for header in private_headers:
+        vary_on_private.setdefault(header.lower(), header)
 
     targeted = get("TARGETED_HEADERS")
     if isinstance(targeted, str) or not (
@@ -1170,6 +1176,7 @@ def _build_cdn(b: _Builder, raw: Mapping[str, Any]) -> CDNSettings:
             "HTTP_" + h.upper().replace("-", "_") for h in private_headers
         ),
         private_vary=frozenset({"cookie", *(h.lower() for h in private_headers)}),
+        vary_on_private=tuple(vary_on_private.values()),
         targeted_headers=tuple(targeted),
         tag_header=tag_header,
         purge_backend=backend_cls,
@@ -1194,6 +1201,10 @@ HEALTH_DEFAULTS: dict[str, tuple[object, str]] = {
         "Checks that only warn when failing; None: every replica and cache.",
     ),
     "TIMEOUT": (2.0, "One budget in seconds for all checks, which run concurrently."),
+    "CACHE_SECONDS": (
+        0.0,
+        "Readiness reuses its last result this long (per process); 0 checks every probe.",
+    ),
     "REPLICA_LAG_WARN_SECONDS": (30.0, "A replica lagging more than this warns."),
     "TOKEN": (None, "Requests with `Authorization: Bearer <TOKEN>` see details."),
     "DETAILS_NETWORKS": ([], "Clients in these networks (CIDR) see details."),
@@ -1219,6 +1230,7 @@ class HealthSettings:
     non_critical: frozenset[str] = frozenset()
     replicas: frozenset[str] = frozenset()
     timeout: float = 2.0
+    cache_seconds: float = 0.0
     replica_lag_warn_seconds: float = 30.0
     token: str | None = None
     details_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
@@ -1383,6 +1395,15 @@ def _build_health(
             "Keep it below the load balancer's probe timeout, e.g. 2.",
         )
         timeout = 2.0
+    cache_seconds = get("CACHE_SECONDS")
+    if not _is_number(cache_seconds) or cache_seconds < 0:
+        b.error(
+            "scalekit.E411",
+            f'SCALEKIT["HEALTH"]["CACHE_SECONDS"] is {cache_seconds!r}; expected a '
+            "number of seconds >= 0.",
+            "Below the load balancer's check interval, e.g. 1; 0 checks every probe.",
+        )
+        cache_seconds = 0.0
     lag = get("REPLICA_LAG_WARN_SECONDS")
     if not _is_number(lag) or lag <= 0:
         b.error(
@@ -1449,6 +1470,7 @@ def _build_health(
         non_critical=frozenset(n for n in non_critical if isinstance(n, str)),
         replicas=frozenset(replicas),
         timeout=float(timeout),
+        cache_seconds=float(cache_seconds),
         replica_lag_warn_seconds=float(lag),
         token=token,
         details_networks=tuple(networks),

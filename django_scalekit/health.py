@@ -10,7 +10,9 @@ started twice, which bounds the threads a hanging backend can hold; once it
 has run ``STALE_FACTOR`` budgets it is given up and a fresh one starts, so a
 hung connection cannot keep readiness failing after the backend recovered.
 Database checks connect with ``connect_timeout`` (and TCP keepalives) set from
-the budget, so their threads end too.
+the budget, so their threads end too. Probes arriving during a run wait for
+it (and with ``CACHE_SECONDS`` the report is reused that long), so a flood
+of probes does not become a flood of connections.
 
 Status: 503 and ``fail`` when a critical check fails; 200 and ``warn`` when
 only non-critical ones fail or warn (a lagging or stopped replica, which the
@@ -44,6 +46,7 @@ from types import FrameType
 from typing import Any, Literal
 
 from django.core.cache import caches
+from django.core.signals import setting_changed
 from django.db import connections
 from django.db.utils import load_backend
 from django.http import HttpRequest, HttpResponse
@@ -285,6 +288,64 @@ def run_checks() -> Report:
     return Report(overall, tuple(results))
 
 
+#: The last report, its settings and time.monotonic() when it was made; and
+#: the check in flight, which concurrent probes wait for instead of starting
+#: their own (a flood of probes costs one round of checks per CACHE_SECONDS).
+_report: tuple[conf.HealthSettings, float, Report] | None = None
+_report_running: Future[Report] | None = None
+_report_lock = threading.Lock()
+
+
+def current_report() -> Report:
+    """The readiness report: fresh, or at most ``CACHE_SECONDS`` old.
+
+    Each probe would otherwise open a fresh connection to every database: a
+    burst of probes (many balancers, a retry storm) must not become a burst
+    of connections. A probe arriving while the checks run waits for them.
+    """
+    global _report, _report_running
+    cfg = conf.get().health
+    future: Future[Report] = Future()
+    with _report_lock:
+        if (
+            cfg.cache_seconds > 0
+            and _report is not None
+            and _report[0] is cfg
+            and time.monotonic() - _report[1] < cfg.cache_seconds
+        ):
+            return _report[2]
+        running = _report_running
+        if running is None:
+            _report_running = future
+    if running is not None:
+        try:
+            # Bounded: run_checks() returns within TIMEOUT.
+            return running.result(timeout=cfg.timeout + 1)
+        except Exception:
+            return run_checks()
+    try:
+        report = run_checks()
+    except BaseException as exc:
+        with _report_lock:
+            _report_running = None
+        future.set_exception(exc)
+        raise
+    with _report_lock:
+        _report = (cfg, time.monotonic(), report)
+        _report_running = None
+    future.set_result(report)
+    return report
+
+
+def _forget_report(**kwargs: object) -> None:
+    global _report
+    with _report_lock:
+        _report = None
+
+
+setting_changed.connect(_forget_report, weak=False)
+
+
 def _record(name: str, status: Status, output: str, duration: float) -> None:
     _check_status.labels(name).set(_STATUS_VALUE[status])
     _check_duration.labels(name).set(duration)
@@ -436,7 +497,7 @@ def ready(request: HttpRequest) -> HttpResponse:
     if _draining_since is not None:
         # Shutting down: out of rotation before the server stops accepting.
         return _respond(request, 503, {"status": "fail", "output": "draining"})
-    report = run_checks()
+    report = current_report()
     details = shows_details(request, conf.get().health)
     return _respond(request, report.http_status, _body(report, details))
 

@@ -7,9 +7,16 @@ import os
 import time
 from pathlib import Path
 
+from django.contrib import messages
 from django.contrib.auth.models import AnonymousUser
 from django.contrib.staticfiles import views as staticfiles_views
-from django.http import Http404, HttpResponse, HttpResponseServerError
+from django.http import (
+    FileResponse,
+    Http404,
+    HttpResponse,
+    HttpResponseServerError,
+    StreamingHttpResponse,
+)
 from django.urls import include, path, re_path
 from django.utils.cache import patch_vary_headers
 from django.views.decorators.cache import cache_control, cache_page, never_cache
@@ -181,6 +188,63 @@ def account(request, rest):
     return _page(f"account {rest}")
 
 
+def streams_session(request):
+    """The body reads the session while it is streamed, after the middleware ran."""
+
+    def body():
+        yield b"hello "
+        yield request.session.get("name", "stranger").encode()
+
+    return StreamingHttpResponse(body())
+
+
+async def streams_session_async(request):
+    async def body():
+        yield b"hello "
+        yield (await request.session.aget("name", "stranger")).encode()
+
+    return StreamingHttpResponse(body())
+
+
+@cache_control(public=True, max_age=60)
+def streams_own_public(request):
+    return StreamingHttpResponse(iter([b"chosen"]))
+
+
+def streams_file(request):
+    return FileResponse(open(__file__, "rb"))  # noqa: SIM115
+
+
+@cache_control(public=True, max_age=600)
+def own_public_error(request):
+    return HttpResponseServerError("boom")
+
+
+@cache_control(public=True, max_age=600)
+def own_public_missing(request):
+    response = _page("missing")
+    response.status_code = 404
+    return response
+
+
+@csrf_exempt
+@cache_control(public=True, s_maxage=600)
+def own_public_post(request):
+    response = _page("posted")
+    response["CDN-Cache-Control"] = "max-age=600"
+    response["Surrogate-Control"] = "max-age=600"
+    return response
+
+
+def flash(request):
+    messages.info(request, "saved")
+    return _page("flashed")
+
+
+def shows_messages(request):
+    return _page(" ".join(str(m) for m in messages.get_messages(request)))
+
+
 def flag_check():
     """Custom readiness check: fails while the file named by SCALEKIT_HEALTH_FLAG exists."""
     flag = os.environ.get("SCALEKIT_HEALTH_FLAG")
@@ -218,6 +282,15 @@ urlpatterns = [
     path("api/error/", error),
     path("api/tagged/", tagged),
     path("api/post/", post),
+    path("api/stream-session/", streams_session),
+    path("api/stream-session-async/", streams_session_async),
+    path("api/stream-own-public/", streams_own_public),
+    path("api/stream-file/", streams_file),
+    path("api/own-public-error/", own_public_error),
+    path("api/own-public-missing/", own_public_missing),
+    path("api/own-public-post/", own_public_post),
+    path("api/flash/", flash),
+    path("api/messages/", shows_messages),
     re_path(r"^static/(?P<name>.+)$", static),
     re_path(r"^account/(?P<rest>.*)$", account),
     re_path(r"^dev-static/(?P<path>.+)$", staticfiles_views.serve, {"insecure": True}),

@@ -557,6 +557,118 @@ def test_unsafe_methods(client, method):
     assert_not_shared(response)
 
 
+# --- The view's own headers never beat the safety rule ------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "status"),
+    [
+        ("get", "/api/own-public-error/", 500),
+        ("get", "/api/own-public-missing/", 404),
+        ("post", "/api/own-public-post/", 200),
+        ("delete", "/api/own-public-post/", 200),
+    ],
+)
+def test_view_public_on_uncacheable_status_or_method_becomes_private(
+    client, method, url, status
+):
+    response = getattr(client, method)(url)
+    assert response.status_code == status
+    assert response["Cache-Control"].startswith("private")
+    assert_not_shared(response)
+
+
+def test_view_public_on_cacheable_404_is_kept():
+    with site(CACHEABLE_STATUSES=[200, 404]):
+        response = Client().get("/api/own-public-missing/")
+    assert response["Cache-Control"] == "public, max-age=600"
+
+
+def test_shared_responses_vary_on_private_request_headers(client):
+    # RFC 9111 section 3.5: without it, a shared cache may answer a request
+    # carrying Authorization with the anonymous copy ("public", "s-maxage").
+    assert client.get("/api/items/")["Vary"] == "Authorization"
+    assert client.get("/api/cached-page/")["Vary"] == "Authorization"
+    with site(PRIVATE_REQUEST_HEADERS=["X-Api-Key"]):
+        response = Client().get("/api/items/")
+    assert response["Vary"] == "Authorization, X-Api-Key"
+
+
+# --- Streaming: the body is generated after the middleware decided ------------
+
+
+@pytest.mark.django_db
+def test_streaming_body_reading_the_session_is_never_public(client):
+    client.get("/api/session/write/")
+    response = client.get("/api/stream-session/")
+    assert b"".join(response.streaming_content) == b"hello ada"
+    assert response["Cache-Control"] == API_PRIVATE
+    assert_not_shared(response)
+
+
+def test_streaming_response_is_private_even_for_an_anonymous_visitor(client):
+    response = client.get("/api/stream-session/")
+    assert response["Cache-Control"] == API_PRIVATE
+    assert_not_shared(response)
+    assert b"".join(response.streaming_content) == b"hello stranger"
+
+
+def test_streaming_response_with_the_views_own_headers_is_kept(client):
+    response = client.get("/api/stream-own-public/")
+    assert response["Cache-Control"] == "public, max-age=60"
+
+
+def test_file_response_stays_public(client):
+    response = client.get("/api/stream-file/")
+    assert response["Cache-Control"] == API_PUBLIC
+    assert b"".join(response.streaming_content).startswith(b'"""Views')
+
+
+def test_async_streaming_body_reading_the_session_is_never_public():
+    client = AsyncClient()
+    response = async_to_sync(client.get)("/api/stream-session-async/")
+    assert response["Cache-Control"] == API_PRIVATE
+    assert_not_shared(response)
+
+
+# --- CDN below the session and message middleware (scalekit.W302) -------------
+
+MESSAGES = "django.contrib.messages.middleware.MessageMiddleware"
+CDN_FIRST_WITH_MESSAGES = [*MIDDLEWARE, MESSAGES]
+CDN_BELOW_ALL = [m for m in CDN_FIRST_WITH_MESSAGES if "CDNCache" not in m] + [
+    "django_scalekit.middleware.CDNCacheMiddleware"
+]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("below", [False, True], ids=["cdn-first", "cdn-below"])
+def test_session_saved_every_request_is_never_public(client, below):
+    order = CDN_BELOW_ALL if below else CDN_FIRST_WITH_MESSAGES
+    # The client builds its middleware chain at its first request.
+    with override_settings(MIDDLEWARE=order, SESSION_SAVE_EVERY_REQUEST=True):
+        client.get("/api/session/write/")
+        response = client.get("/api/items/")
+        assert "sessionid" in response.cookies
+        assert_not_shared(response)
+        # Without a session cookie, nothing is saved: the page stays shared.
+        assert Client().get("/api/items/")["Cache-Control"] == API_PUBLIC
+
+
+@pytest.mark.parametrize("below", [False, True], ids=["cdn-first", "cdn-below"])
+def test_flash_messages_queued_or_shown_are_never_public(client, below):
+    order = CDN_BELOW_ALL if below else CDN_FIRST_WITH_MESSAGES
+    with override_settings(MIDDLEWARE=order):
+        queued = client.get("/api/flash/")
+        assert "messages" in queued.cookies
+        assert_not_shared(queued)
+        shown = client.get("/api/messages/")
+        assert shown.content == b"saved"
+        assert "messages" in shown.cookies  # the shown message is cleared
+        assert_not_shared(shown)
+        # No message pending: the same page is shared.
+        assert client.get("/api/messages/")["Cache-Control"] == API_PUBLIC
+
+
 def test_per_user_html_is_private_no_cache(client):
     response = client.get("/page/", HTTP_AUTHORIZATION="Bearer x")
     assert response["Cache-Control"] == "private, no-cache"
@@ -724,7 +836,7 @@ def test_purge_backend_with_bad_options_is_reported():
         ({"urls": "/a/"}, TypeError),
         ({"urls": [None]}, TypeError),
         ({"tags": "products"}, TypeError),
-        ({"tags": ["two words"]}, ValueError),
+        ({"tags": [None]}, TypeError),
     ],
 )
 def test_purge_bad_arguments(kwargs, error):
@@ -735,3 +847,54 @@ def test_purge_bad_arguments(kwargs, error):
 def test_cache_tags_bad_argument():
     with pytest.raises(ValueError, match="tags"):
         cdn.cache_tags("no spaces allowed")
+
+
+def test_purge_skips_and_reports_tags_and_urls_no_cache_can_take(purge_server, caplog):
+    # Tags built from data (a product's slug) must not break the request
+    # that changed the data: the bad ones are skipped, the rest purged.
+    port = purge_server.server_address[1]
+    with purge_settings([f"http://127.0.0.1:{port}"]):
+        result = cdn.purge(
+            urls=["https://shop.example.com/café/", "https://shop.example.com/ok/"],
+            tags=["café", "two words", "bad\n", "product:1"],
+        )
+    assert result.purged == 2
+    assert len(result.errors) == 4
+    assert all("skipped" in error for error in result.errors)
+    assert _Recorder.seen == [
+        ("PURGE", "/ok/", "shop.example.com", None),
+        ("BAN", "/", f"127.0.0.1:{port}", "product:1"),
+    ]
+    assert "CDN purge incomplete" in caplog.text
+
+
+@pytest.fixture
+def silent_endpoint():
+    """A port that accepts connections and never answers."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    yield listener.getsockname()[1]
+    listener.close()
+
+
+def test_purge_has_one_deadline_for_all_urls_and_endpoints(
+    purge_server, silent_endpoint
+):
+    import time
+
+    port = purge_server.server_address[1]
+    urls = [f"https://shop.example.com/{n}/" for n in range(5)]
+    endpoints = [f"http://127.0.0.1:{silent_endpoint}", f"http://127.0.0.1:{port}"]
+    with purge_settings(endpoints, TIMEOUT=0.5):
+        started = time.monotonic()
+        result = cdn.purge(urls=urls, tags=["products"])
+        elapsed = time.monotonic() - started
+    assert elapsed < 0.5 + 0.3
+    # The answering cache got everything; the silent one is reported.
+    assert result.purged == 6
+    assert len(_Recorder.seen) == 6
+    assert result.errors
+    assert all(f"127.0.0.1:{silent_endpoint}" in error for error in result.errors)

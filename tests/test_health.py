@@ -203,6 +203,40 @@ def test_replica_down_warns_by_default(client, dynamic_alias):
     assert body == {"status": "warn"}
 
 
+@pytest.mark.outage
+@pytest.mark.replica
+@pytest.mark.django_db(databases=DATABASES)
+def test_replica_cluster_stopped_warns_or_fails_when_critical(
+    client, streaming, replica_stopped
+):
+    # The real streaming replica's cluster is stopped (tests/conftest.py).
+    # Default NON_CRITICAL: a replica only warns, the instance stays in rotation.
+    with on_replica(streaming, TIMEOUT=2):
+        assert "db:streaming" in conf.get().health.non_critical
+        started = time.monotonic()
+        response, body = get_ready(client)
+        elapsed = time.monotonic() - started
+    assert response.status_code == 200
+    assert body["status"] == "warn"
+    assert statuses(body) == {
+        "db:default": "pass",
+        "db:streaming": "fail",
+        "cache:default": "pass",
+    }
+    assert body["checks"]["db:streaming"][0]["affectsServiceHealth"] is False
+    assert elapsed < 2 + 1
+    # The replica made critical: 503 within the budget.
+    with on_replica(streaming, TIMEOUT=2, NON_CRITICAL=["cache:default"]):
+        started = time.monotonic()
+        response, body = get_ready(client)
+        elapsed = time.monotonic() - started
+    assert response.status_code == 503
+    assert body["status"] == "fail"
+    assert statuses(body)["db:streaming"] == "fail"
+    assert body["checks"]["db:streaming"][0]["affectsServiceHealth"] is True
+    assert elapsed < 2 + 1
+
+
 @pytest.mark.django_db(databases=DATABASES, transaction=True)
 def test_replica_lag_above_threshold_warns(client, streaming, replica_delay):
     from tests.testapp.models import Item
@@ -275,6 +309,71 @@ def test_custom_checks(client):
     ):
         response, body = get_ready(client)
         assert (response.status_code, body["status"]) == (200, "warn")
+
+
+_slow_calls: list[float] = []
+
+
+def slow_counted_check():
+    _slow_calls.append(time.monotonic())
+    time.sleep(0.3)
+
+
+def probe_flood(n):
+    """``n`` concurrent probes, each with its own client; their statuses."""
+    statuses_seen = []
+    barrier = threading.Barrier(n)
+
+    def probe():
+        barrier.wait()
+        statuses_seen.append(Client().get("/health/").status_code)
+
+    threads = [threading.Thread(target=probe) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return statuses_seen
+
+
+@pytest.mark.django_db(databases=DATABASES)
+def test_a_flood_of_probes_runs_the_checks_once_per_cache_period():
+    _slow_calls.clear()
+    with site(
+        DATABASES=[],
+        CACHES=[],
+        CHECKS=["tests.test_health.slow_counted_check"],
+        CACHE_SECONDS=1.5,
+    ):
+        # Concurrent probes share the one check in flight...
+        assert probe_flood(20) == [200] * 20
+        assert len(_slow_calls) == 1
+        # ...and later ones its result, until it is CACHE_SECONDS old.
+        assert probe_flood(5) == [200] * 5
+        assert len(_slow_calls) == 1
+        time.sleep(1.5)
+        assert Client().get("/health/").status_code == 200
+        assert len(_slow_calls) == 2
+    _slow_calls.clear()
+    with site(
+        DATABASES=[],
+        CACHES=[],
+        CHECKS=["tests.test_health.slow_counted_check"],
+        CACHE_SECONDS=0,  # the default
+    ):
+        for _ in range(3):
+            assert Client().get("/health/").status_code == 200
+        assert len(_slow_calls) == 3
+        # Fresh for every probe, but concurrent ones still share a run.
+        assert probe_flood(20) == [200] * 20
+        assert len(_slow_calls) <= 3 + 2
+
+
+def test_cached_result_is_forgotten_when_settings_change(client):
+    with site(DATABASES=[], CACHES=[], CHECKS=["tests.test_health.failing_check"]):
+        assert client.get("/health/").status_code == 503
+    with site(DATABASES=[], CACHES=[], CHECKS=["tests.test_health.warning_check"]):
+        assert client.get("/health/").status_code == 200
 
 
 def test_prometheus_gauges(client):
@@ -534,6 +633,9 @@ def ids(health_settings):
         ({"DRAIN_SECONDS": 0}, []),
         ({"DRAIN_SECONDS": -1}, ["scalekit.E410"]),
         ({"DRAIN_SECONDS": "5"}, ["scalekit.E410"]),
+        ({"CACHE_SECONDS": 0}, []),
+        ({"CACHE_SECONDS": -1}, ["scalekit.E411"]),
+        ({"CACHE_SECONDS": "1"}, ["scalekit.E411"]),
     ],
 )
 def test_health_settings_validation(value, expected):

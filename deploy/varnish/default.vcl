@@ -41,7 +41,19 @@ sub vcl_recv {
     if (req.method != "GET" && req.method != "HEAD") {
         return (pass);
     }
-    # Unlike Varnish's default, requests with Cookie or Authorization are
+    # RFC 9111 section 3.5: a stored "public" answer may be reused for a
+    # request carrying Authorization; the origin adds Vary: Authorization to
+    # shared responses, and passing such requests makes sure they reach it.
+    if (req.http.Authorization) {
+        return (pass);
+    }
+    # A visitor with a session, pending flash messages or a read-your-writes
+    # pin gets the origin's answer, never the anonymous copy (rename sessionid
+    # and scalekit_pin here if SESSION_COOKIE_NAME or PINNING_COOKIE_NAME differ).
+    if (req.http.Cookie ~ "(^|;)\s*(sessionid|messages|scalekit_pin)=") {
+        return (pass);
+    }
+    # Unlike Varnish's default, other requests with cookies (analytics) are
     # looked up too: the origin's Cache-Control decides what is stored.
     return (hash);
 }
