@@ -11,13 +11,15 @@ A call of a ``@cached`` function goes, in this order:
 3. The leader makes **one** L2 round trip: a Lua script that returns the value,
    or else takes a short lock (``SET NX PX``) so that one process computes.
    A process that finds the lock taken polls the same script until the value
-   appears or the lock expires (a crashed holder blocks nobody for longer
-   than ``LOCK_TIMEOUT``).
+   appears or the lock expires, and computes by itself after ``LOCK_TIMEOUT``
+   at most (a crashed or slow holder delays nobody for longer).
 4. The lock holder computes, then writes the value and releases the lock in
    **one** more round trip (not written if ``invalidate()`` ran meanwhile).
 
 ``invalidate()`` deletes the L2 entry and publishes its key on a Redis
 pub/sub channel; a listener thread in each process drops the key from its L1.
+Inside ``transaction.atomic()`` it does so again after the commit: until
+then other connections still read the old rows and may store them.
 A value is refreshed before it expires by probabilistic early expiration
 (XFetch: Vattani et al., "Optimal Probabilistic Cache Stampede Prevention",
 VLDB 2015).
@@ -63,6 +65,7 @@ from typing import Any, Generic, TypeVar, cast
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.cache import BaseCache, caches
+from django.db import connections, transaction
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.utils import timezone, translation
 from django.utils.functional import LazyObject, empty
@@ -341,7 +344,7 @@ _ENVELOPE_TAG = "scalekit.cache/1"
 
 def _envelope(value: Any, timeout: float | None, delta: float) -> tuple[Any, ...]:
     """What L2 stores: a tag (so ``None`` is a value, not a miss), expiry, cost."""
-    expires = time.time() + timeout if timeout else 0.0
+    expires = time.time() + timeout if timeout is not None else 0.0
     return (_ENVELOPE_TAG, value, expires, delta)
 
 
@@ -594,7 +597,9 @@ class RedisL2:
             payload = self.encode(envelope, allow_int=False)
         except Exception as exc:
             raise Unstorable(str(exc)) from exc
-        ms = max(1, int(timeout * 1000)) if timeout else 0
+        # '0' tells the script "no expiry": only for None (timeout=0 values
+        # never get here, see _compute_and_store).
+        ms = max(1, int(timeout * 1000)) if timeout is not None else 0
         key = self.key(skey)
         return bool(
             self._eval(
@@ -1340,7 +1345,11 @@ _DEFAULT: Any = object()
 _fids = itertools.count(1)
 
 
-def _check_timeout(name: str, value: object, *, allow_none: bool) -> None:
+def _check_timeout(
+    name: str, value: object, *, allow_none: bool, decorator: str = "cached"
+) -> None:
+    """ValueError naming the argument unless ``value`` is a number >= 0
+    (or None, if allowed). 0 is Django's "do not cache", None "no expiry"."""
     if value is _DEFAULT or (value is None and allow_none):
         return
     if (
@@ -1351,7 +1360,7 @@ def _check_timeout(name: str, value: object, *, allow_none: bool) -> None:
     ):
         expected = ">= 0" + (" or None" if allow_none else "")
         raise ValueError(
-            f"cached({name}={value!r}): {name} must be a number {expected}"
+            f"{decorator}({name}={value!r}): {name} must be a number {expected}"
         )
 
 
@@ -1513,6 +1522,12 @@ class CachedFunction:
     def refresh(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], strict: bool
     ) -> Any:
+        if not strict and _after_commit(
+            functools.partial(self.refresh_after_commit, args, kwargs)
+        ):
+            # Inside transaction.atomic(): the value may read uncommitted rows
+            # (and be rolled back), so it is stored only after the commit.
+            return self.func(*args, **kwargs)
         spec = self.resolve()
         skey = self.make_key(args, kwargs)
         gen = spec.store.l2_call(spec.store.l2.generation, skey)
@@ -1561,21 +1576,57 @@ class CachedFunction:
         return value
 
     def invalidate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.invalidate_now(args, kwargs)
+        _after_commit(functools.partial(self.invalidate_now, args, kwargs))
+
+    def invalidate_now(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         spec = self.resolve()
         INVALIDATIONS.labels(self.name).inc()
         spec.store.invalidate(
             [self.make_key(args, kwargs)], [_l1key(self.fid, args, kwargs)]
         )
 
+    def refresh_after_commit(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """On commit of the transaction ``refresh()`` ran in: invalidate (so
+        the recomputation reads the primary) and store the committed value."""
+        self.invalidate_now(args, kwargs)
+        self.refresh(args, kwargs, strict=False)
+
     def invalidate_all(self) -> int:
-        spec = self.resolve()
-        INVALIDATIONS.labels(self.name).inc()
-        prefix = self.prefix()
-        spec.store.l1.drop_prefix(prefix)
-        deleted = spec.store.l2_call(spec.store.l2.invalidate_prefix, prefix)
-        if deleted is None:
-            raise CacheUnavailable(f"L2 cache {spec.store.l2_alias!r} is unavailable.")
+        deleted = self.invalidate_all_now()
+        _after_commit(self.invalidate_all_now)
         return deleted
+
+    def invalidate_all_now(self) -> int:
+        return _invalidate_prefix(self.resolve(), self.prefix())
+
+
+def _invalidate_prefix(spec: Spec, prefix: str) -> int:
+    """Delete every L2 key under ``prefix`` and drop them from every process's L1."""
+    INVALIDATIONS.labels(spec.name).inc()
+    spec.store.l1.drop_prefix(prefix)
+    deleted = spec.store.l2_call(spec.store.l2.invalidate_prefix, prefix)
+    if deleted is None:
+        raise CacheUnavailable(f"L2 cache {spec.store.l2_alias!r} is unavailable.")
+    return deleted
+
+
+def _after_commit(callback: Callable[[], Any]) -> bool:
+    """Run ``callback`` again after the commit of each of this thread's
+    connections that is inside ``transaction.atomic()``; False if none is.
+
+    Invalidating only before the commit leaves a window: another request may
+    recompute from the still-committed old row and store it for the whole
+    timeout. ``robust``: a failing callback does not stop the others.
+    """
+    aliases = [
+        c.alias for c in connections.all(initialized_only=True) if c.in_atomic_block
+    ]
+    for alias in aliases:
+        transaction.on_commit(callback, using=alias, robust=True)
+    return bool(aliases)
 
 
 def _l1key(fid: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -1609,6 +1660,8 @@ def _store_refreshed(
 ) -> None:
     """Store a refreshed value; ``gen``: the key's generation before computing."""
     store = spec.store
+    if spec.timeout == 0:  # not stored, as in Django
+        return
     envelope = _envelope(value, spec.timeout, time.perf_counter() - started)
     try:
         written = store.l2_call(
@@ -1715,7 +1768,7 @@ def _lead(
         if kind == BUSY:
             if not deadline:
                 LOCK_WAITS.labels(spec.name, "process").inc()
-                deadline = time.monotonic() + store.lock_ms / 1000 + 1.0
+                deadline = time.monotonic() + store.lock_ms / 1000
             if time.monotonic() < deadline:
                 time.sleep(delay)
                 delay = min(delay * 1.5, 0.05)
@@ -1769,7 +1822,9 @@ def _compute_and_store(
             return stale[1]
         raise
     COMPUTATIONS.labels(spec.name, reason).inc()
-    if isinstance(value, Uncacheable):
+    if isinstance(value, Uncacheable) or spec.timeout == 0:
+        # timeout=0, as in Django: not stored (concurrent callers still share
+        # this computation).
         if token:
             store.l2_call(store.l2.release, skey, token)
         return value
@@ -1901,7 +1956,7 @@ async def _alead(
         if kind == BUSY:
             if not deadline:
                 LOCK_WAITS.labels(spec.name, "process").inc()
-                deadline = time.monotonic() + store.lock_ms / 1000 + 1.0
+                deadline = time.monotonic() + store.lock_ms / 1000
             if time.monotonic() < deadline:
                 await asyncio.sleep(delay)
                 delay = min(delay * 1.5, 0.05)
@@ -1956,7 +2011,7 @@ async def _acompute_and_store(
             _release_soon(store, skey, token)
         raise
     COMPUTATIONS.labels(spec.name, reason).inc()
-    if isinstance(value, Uncacheable):
+    if isinstance(value, Uncacheable) or spec.timeout == 0:
         if token:
             await _l2_async(store, store.l2.release, skey, token)
         return value
@@ -2001,7 +2056,8 @@ def cached(
 ) -> Any:
     """Cache a function's results in this process (L1) and in Redis (L2).
 
-    ``timeout`` (seconds, ``None`` = no expiry) bounds the L2 entry,
+    ``timeout`` (seconds) bounds the L2 entry, as in Django: ``None`` = no
+    expiry, ``0`` = not stored (concurrent misses still compute once),
     ``l1_timeout`` how long this process keeps its copy (``0`` disables L1):
     it bounds staleness when an invalidation cannot be delivered. ``version``
     goes into the key: bump it when the function's results change shape.
@@ -2089,11 +2145,13 @@ def cached(
                 return fetch(l1key, args, kwargs)
 
         def invalidate(*args: Any, **kwargs: Any) -> None:
-            """Remove this call's value from L2 and from every process's L1."""
+            """Remove this call's value from L2 and from every process's L1;
+            inside ``transaction.atomic()``, again after the commit."""
             fn.invalidate(args, kwargs)
 
         def refresh(*args: Any, **kwargs: Any) -> Any:
-            """Recompute this call's value and store it, whatever is cached."""
+            """Recompute this call's value and store it, whatever is cached
+            (inside ``transaction.atomic()``: stored after the commit)."""
             if fn.is_async:
                 return fn.arefresh(args, kwargs, strict=False)
             return fn.refresh(args, kwargs, strict=False)
@@ -2104,7 +2162,10 @@ def cached(
 
         async def ainvalidate(*args: Any, **kwargs: Any) -> None:
             """``invalidate()`` for async code: the L2 call runs in a thread."""
-            await sync_to_async(fn.invalidate, thread_sensitive=False)(args, kwargs)
+            # The transaction, if any, is the caller's (its connections), not
+            # the worker thread's.
+            _after_commit(functools.partial(fn.invalidate_now, args, kwargs))
+            await sync_to_async(fn.invalidate_now, thread_sensitive=False)(args, kwargs)
 
         wrapper.invalidate = invalidate
         wrapper.ainvalidate = ainvalidate
@@ -2324,9 +2385,21 @@ class _ViewCache:
         return self.prefix() + "h:" + _digest(f"{method}|{url}|{user}")
 
     def invalidate(self, url: str, user: str = "") -> None:
+        self.invalidate_now(url, user)
+        _after_commit(functools.partial(self.invalidate_now, url, user))
+
+    def invalidate_now(self, url: str, user: str = "") -> None:
         spec = self.resolve()
         INVALIDATIONS.labels(self.name).inc()
         spec.store.invalidate([self.url_key(m, url, user) for m in ("GET", "HEAD")])
+
+    def invalidate_all(self) -> int:
+        deleted = self.invalidate_all_now()
+        _after_commit(self.invalidate_all_now)
+        return deleted
+
+    def invalidate_all_now(self) -> int:
+        return _invalidate_prefix(self.resolve(), self.prefix())
 
 
 def cached_view(
@@ -2352,11 +2425,12 @@ def cached_view(
     token, touch the session or show flash messages, or
     ``Cache-Control: private/no-store/no-cache``. Concurrent misses of one
     page render it once. ``view.invalidate(url)`` drops a URL's pages in
-    every process. ``name`` replaces ``module.qualname`` in keys and metrics
+    every process, ``view.invalidate_all()`` every page of the view. ``name``
+    replaces ``module.qualname`` in keys and metrics
     (required for a view defined inside a function).
     """
-    _check_timeout("timeout", timeout, allow_none=True)
-    _check_timeout("l1_timeout", l1_timeout, allow_none=True)
+    _check_timeout("timeout", timeout, allow_none=True, decorator="cached_view")
+    _check_timeout("l1_timeout", l1_timeout, allow_none=True, decorator="cached_view")
 
     def decorate(v: Callable[..., Any]) -> Any:
         vc = _ViewCache(v, timeout, l1_timeout, per_user, key_prefix, l1, l2, name)
@@ -2443,7 +2517,13 @@ def cached_view(
             """Drop the cached pages of an absolute URL (GET and HEAD, every Vary value)."""
             vc.invalidate(url, "" if user is None else f"user:{user.pk}")
 
+        def invalidate_all() -> int:
+            """Drop every cached page of this view (every URL, user and Vary
+            value) in every process: the L2 keys deleted."""
+            return vc.invalidate_all()
+
         wrapped.invalidate = invalidate
+        wrapped.invalidate_all = invalidate_all
         wrapped._scalekit = vc
         return wrapped
 
@@ -2472,7 +2552,7 @@ class _ViewCall:
         self.url_key: str | None = None
         #: The response this request rendered itself, if it did.
         self.response: HttpResponseBase | None = None
-        if request.method in _SAFE_METHODS:
+        if request.method in _SAFE_METHODS and vc.timeout != 0:
             part = vc.user_part(request, user)
             if part is not None:
                 self.spec = vc.resolve()

@@ -573,8 +573,9 @@ CACHE_DEFAULTS: dict[str, tuple[object, str]] = {
     "L1_MAX_ENTRIES": (10_000, "Entries kept in each process's L1 before evicting."),
     "KEY_PREFIX": ("scalekit", "Start of every key this cache writes in L2."),
     "LOCK_TIMEOUT": (
-        30.0,
-        "Life of the lock that lets one process compute a missing value.",
+        5.0,
+        "Life of the lock that lets one process compute a missing value; "
+        "also the longest a caller waits for another process's computation.",
     ),
     "CIRCUIT_RETRY_SECONDS": (
         5.0,
@@ -603,7 +604,7 @@ class CacheSettings:
     l1_timeout: float = 5.0
     l1_max_entries: int = 10_000
     key_prefix: str = "scalekit"
-    lock_timeout: float = 30.0
+    lock_timeout: float = 5.0
     circuit_retry_seconds: float = 5.0
     early_refresh_beta: float = 1.0
     warmers: tuple[str, ...] = ()

@@ -12,6 +12,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -275,9 +276,54 @@ def test_unkeyable_argument_names_it(prefix):
         read("x", nope=1)  # the function's own TypeError
 
 
+@pytest.mark.parametrize("l1_timeout", [30, 0])
+def test_timeout_none_never_expires_and_zero_is_not_stored(prefix, l1_timeout):
+    calls = []
+
+    def make(timeout):
+        @cached(
+            name=f"tests.timeout_semantics.{timeout}",
+            timeout=timeout,
+            l1_timeout=l1_timeout,
+        )
+        def value_of(x):
+            calls.append((timeout, x))
+            return x
+
+        return value_of
+
+    forever, zero, five = make(None), make(0), make(5)
+    store = forever._scalekit.resolve().store
+
+    def pttl(func):
+        return redis().pttl(store.l2.key(func.key(1)))
+
+    assert [forever(1), forever(1)] == [1, 1]
+    assert pttl(forever) == -1  # no expiry
+    assert [five(1), five(1)] == [1, 1]
+    assert 0 < pttl(five) <= 5000
+    assert [zero(1), zero(1)] == [1, 1]
+    assert zero.refresh(1) == 1
+    assert pttl(zero) == -2  # never stored, as Django's timeout=0
+    assert calls == [(None, 1), (5, 1), (0, 1), (0, 1), (0, 1)]
+    assert redis().exists(store.l2.key(zero.key(1)) + ":lock") == 0
+
+
+def test_view_timeout_zero_is_not_stored(prefix, rf):
+    view = counted_view(timeout=0)(lambda r: HttpResponse("page"))
+    assert [view(anon(rf.get("/zero/"))).content for _ in range(2)] == [b"page"] * 2
+    assert view.calls == ["GET", "GET"]
+    assert redis().keys(f"*{prefix}:view:*") == []
+    control = counted_view(timeout=60)(lambda r: HttpResponse("page"))
+    control(anon(rf.get("/zero/")))
+    assert redis().keys(f"*{prefix}:view:*") != []
+
+
 def test_bad_decorator_arguments():
     with pytest.raises(ValueError, match=r"cached\(timeout=-1\): timeout must be"):
         cached(timeout=-1)
+    with pytest.raises(ValueError, match=r"cached_view\(timeout=-0.5\): timeout must"):
+        cached_view(timeout=-0.5)
     with pytest.raises(ValueError, match="l1_timeout"):
         cached(l1_timeout="5")
     with pytest.raises(TypeError, match="key must be a callable"):
@@ -352,6 +398,26 @@ def test_crashed_lock_holder_blocks_only_until_the_lock_expires(prefix):
     assert cache_worker.computations("square") == 1
 
 
+def test_waiter_computes_itself_after_lock_timeout_at_most(prefix):
+    # A lock that outlives LOCK_TIMEOUT (set by a process with a longer
+    # setting, or by a holder still computing): waiters stop waiting anyway.
+    with override_settings(SCALEKIT=cache_settings(prefix, LOCK_TIMEOUT=1.0)):
+        store = cache_worker.square._scalekit.resolve().store
+        lock_key = store.l2.cache.make_key(cache_worker.square.key(6)) + ":lock"
+        redis().set(lock_key, "stuck-process", px=60_000)
+        started = time.monotonic()
+        assert cache_worker.square(6) == 36
+        waited = time.monotonic() - started
+    assert 0.9 < waited < 1.6, waited
+    assert cache_worker.computations("square") == 1
+
+
+def test_default_lock_is_short():
+    # A crashed holder stalls every waiter of its key for this long.
+    assert conf.CacheSettings().lock_timeout <= 10
+    assert conf.CACHE_DEFAULTS["LOCK_TIMEOUT"][0] == conf.CacheSettings().lock_timeout
+
+
 def test_value_computed_across_an_invalidate_is_not_stored(prefix):
     client = redis()
     client.set(f"{prefix}:data:y", "old")
@@ -377,18 +443,91 @@ def test_value_computed_across_an_invalidate_is_not_stored(prefix):
     assert slow_read() == "new"  # ... but it was not stored
 
 
+def _read_in_another_thread(call):
+    """``call()`` in a thread of its own (its own database connection)."""
+    from django.db import connections
+
+    seen = []
+
+    def run():
+        try:
+            seen.append(call())
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(10)
+    return seen
+
+
+@pytest.mark.django_db(transaction=True)
+def test_invalidate_inside_atomic_invalidates_again_on_commit(prefix):
+    from django.db import transaction
+
+    from tests.testapp.models import Item
+
+    item = Item.objects.create(name="old")
+
+    @cached(name="tests.atomic.name_of", read_from="primary", l1_timeout=30)
+    def name_of(pk):
+        return Item.objects.get(pk=pk).name
+
+    assert name_of(item.pk) == "old"
+    with transaction.atomic():
+        Item.objects.filter(pk=item.pk).update(name="new")
+        name_of.invalidate(item.pk)
+        # Another request, between invalidate() and the commit, recomputes
+        # from the committed row and stores it (in L2 and this process's L1).
+        assert _read_in_another_thread(lambda: name_of(item.pk)) == ["old"]
+    assert name_of(item.pk) == "new"
+    cache.reset()  # a new process: the value comes from L2
+    assert name_of(item.pk) == "new"
+    assert _read_in_another_thread(lambda: name_of(item.pk)) == ["new"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_refresh_inside_atomic_stores_after_commit_only(prefix):
+    from django.db import transaction
+
+    from tests.testapp.models import Item
+
+    item = Item.objects.create(name="old")
+
+    @cached(name="tests.atomic.refreshed_name", read_from="primary", l1_timeout=0)
+    def name_of(pk):
+        return Item.objects.get(pk=pk).name
+
+    assert name_of(item.pk) == "old"
+    with pytest.raises(RuntimeError), transaction.atomic():
+        Item.objects.filter(pk=item.pk).update(name="rolled back")
+        assert name_of.refresh(item.pk) == "rolled back"  # what this transaction sees
+        raise RuntimeError
+    assert name_of(item.pk) == "old"  # the rolled-back value was never stored
+    with transaction.atomic():
+        Item.objects.filter(pk=item.pk).update(name="new")
+        assert name_of.refresh(item.pk) == "new"
+        # Not stored before the commit: the committed row is still "old".
+        assert _read_in_another_thread(lambda: name_of(item.pk)) == ["old"]
+    assert _read_in_another_thread(lambda: name_of(item.pk)) == ["new"]
+
+
 def test_uncontended_miss_costs_two_round_trips(prefix):
     store = subscribed(cache_worker.square)
-    # Load both scripts first: another test may have run SCRIPT FLUSH, and a
-    # NOSCRIPT reload is a cold-server cost, not the steady miss measured here.
+    # SCRIPT FLUSH (test_lua_scripts_survive_a_redis_restart, in this run or
+    # another one on the same server) may empty the script cache at any time:
+    # a NOSCRIPT reply and the SCRIPT LOAD after it are a cold-server cost,
+    # not the steady miss measured here, so only answered calls are counted.
     assert cache_worker.square(12) == 144
     client = store.l2.client
     commands = []
     original = client.execute_command
 
     def counting(*args, **kwargs):
-        commands.append(args[0])
-        return original(*args, **kwargs)
+        answer = original(*args, **kwargs)  # NOSCRIPT raises: not counted
+        if args[0] != "SCRIPT LOAD":
+            commands.append(args[0])
+        return answer
 
     client.execute_command = counting
     try:
@@ -695,6 +834,10 @@ def silent_redis():
     server.close()
 
 
+def p95(durations):
+    return sorted(durations)[math.ceil(0.95 * len(durations)) - 1]
+
+
 def l2_errors(alias):
     from prometheus_client import REGISTRY
 
@@ -722,7 +865,11 @@ def test_silent_redis_serves_values_and_fails_fast(prefix, silent_redis, caplog)
             assert double(i) == 2 * i
             durations.append(time.perf_counter() - started)
     # Without the breaker every call would wait the 500 ms socket timeout.
+    # The issue: "after the first failure, each call adds no more than a few
+    # milliseconds" (generous on a loaded 2-core machine: the function's own
+    # work is a multiplication).
     assert l2_errors(silent_redis) - errors_before == 1
+    assert p95(durations) < 0.01, durations
     assert max(durations) < 0.1, durations
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
@@ -739,10 +886,16 @@ def test_closed_port_serves_values(prefix, caplog):
         return 2 * x
 
     with caplog.at_level(logging.WARNING, logger="django_scalekit.cache"):
-        assert [double(i) for i in range(20)] == [2 * i for i in range(20)]
+        assert double(0) == 0  # refused: opens the breaker
+        durations = []
+        for i in range(1, 51):
+            started = time.perf_counter()
+            assert double(i) == 2 * i
+            durations.append(time.perf_counter() - started)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "'cache_down' is unavailable" in warnings[0].message
-    assert len(calls) == 20
+    assert len(calls) == 51
+    assert p95(durations) < 0.01, durations
 
 
 def test_l1_keeps_serving_during_an_outage(prefix):
@@ -994,6 +1147,38 @@ def test_view_invalidate_and_stampede(prefix, rf):
     state["n"] = 1
     view.invalidate("http://testserver/s/")
     assert view(anon(rf.get("/s/"))).content == b"version 1"
+
+
+def test_view_invalidate_all(prefix, rf):
+    state = {"n": 0}
+
+    def render(request):
+        response = HttpResponse(f"{request.path} v{state['n']}")
+        response["Vary"] = "Accept"
+        return response
+
+    view = counted_view()(render)
+    other = counted_view()(render)
+    urls = ["/a/", "/b/?page=2"]
+
+    def bodies(v):
+        return [
+            v(anon(rf.get(url, HTTP_ACCEPT=accept))).content
+            for url in urls
+            for accept in ("text/html", "application/json")
+        ]
+
+    assert bodies(view) == [b"/a/ v0"] * 2 + [b"/b/ v0"] * 2
+    assert bodies(other) == [b"/a/ v0"] * 2 + [b"/b/ v0"] * 2
+    state["n"] = 1
+    assert bodies(view) == [b"/a/ v0"] * 2 + [b"/b/ v0"] * 2  # cached
+    # Two URLs: each a URL entry and two pages (one per Accept value).
+    assert view.invalidate_all() == 6
+    assert bodies(view) == [b"/a/ v1"] * 2 + [b"/b/ v1"] * 2  # L1 dropped too
+    cache.reset()  # a new process: from L2
+    assert bodies(view) == [b"/a/ v1"] * 2 + [b"/b/ v1"] * 2
+    assert bodies(other) == [b"/a/ v0"] * 2 + [b"/b/ v0"] * 2  # untouched
+    assert len(view.calls) == 8
 
 
 def test_async_view(prefix, rf):

@@ -115,6 +115,52 @@ def test_warmers_setting(prefix):
     assert "tests.test_warm_cache.plain_warmer       7         0" in out
 
 
+def test_only_accepts_short_names(prefix):
+    code, out, err = run("--only", "product_pks")  # the function's __qualname__
+    assert code == 0, err
+    assert f"{WORKER_WARMER}: 3/3" in out
+    assert cache_worker.computations("product") == 3
+
+    @warmer(name="shop.menus")
+    def warm_menus():
+        return 1
+
+    for name in ("shop.menus", "menus", "warm_menus"):
+        code, out, err = run("--only", name)
+        assert code == 0, err
+        assert out.splitlines()[0] == "shop.menus: started"
+        assert out.splitlines()[-1].split()[:3] == ["shop.menus", "1", "0"]
+
+
+def test_only_refuses_an_ambiguous_short_name(prefix):
+    @warmer(name="shop.a.menus")
+    def first():
+        return 1
+
+    @warmer(name="shop.b.menus")
+    def second():
+        return 1
+
+    code, _, err = run("--only", "menus")
+    assert code == 1
+    assert "--only menus is ambiguous: it names shop.a.menus, shop.b.menus" in err
+    assert run("--only", "shop.b.menus")[0] == 0
+
+
+def test_verbosity_zero_prints_only_errors(prefix):
+    code, out, err = run("--only", WORKER_WARMER, "--verbosity", "0")
+    assert (code, out, err) == (0, "", "")
+    assert cache_worker.computations("product") == 3
+
+    @warmer(name="broken")
+    def broken():
+        raise RuntimeError("no database")
+
+    code, out, err = run("--only", "broken", "-v", "0")
+    assert code == 1 and out == ""
+    assert "broken: error: RuntimeError: no database" in err
+
+
 def test_unknown_warmer_and_bad_workers(prefix):
     assert "Unknown warmer(s): nope" in run("--only", "nope")[2]
     assert "--workers 0" in run("--workers", "0")[2]

@@ -39,6 +39,49 @@ def discover() -> dict[str, cache.Warmer]:
     return cache.get_warmers()
 
 
+def short_names(name: str, w: cache.Warmer) -> set[str]:
+    """What ``--only`` also accepts for a warmer: the last part of its name
+    and its function's ``__qualname__`` and ``__name__``."""
+    names = {name.rpartition(".")[2]}
+    for attr in ("__qualname__", "__name__"):
+        value = getattr(w.func, attr, None)
+        if isinstance(value, str):
+            names.add(value)
+    return names
+
+
+def select(
+    warmers: dict[str, cache.Warmer], wanted: list[str]
+) -> dict[str, cache.Warmer]:
+    """The warmers ``--only`` names, by full or short name; CommandError for
+    an unknown or ambiguous one."""
+    chosen: dict[str, cache.Warmer] = {}
+    unknown = []
+    for wanted_name in wanted:
+        if wanted_name in warmers:
+            chosen[wanted_name] = warmers[wanted_name]
+            continue
+        matches = sorted(
+            n for n, w in warmers.items() if wanted_name in short_names(n, w)
+        )
+        if len(matches) > 1:
+            raise CommandError(
+                f"--only {wanted_name} is ambiguous: it names {', '.join(matches)}. "
+                "Give the full name."
+            )
+        if matches:
+            chosen[matches[0]] = warmers[matches[0]]
+        else:
+            unknown.append(wanted_name)
+    if unknown:
+        raise CommandError(
+            f"Unknown warmer(s): {', '.join(unknown)}. Known: "
+            + (", ".join(sorted(warmers)) or "none")
+            + "."
+        )
+    return chosen
+
+
 class Command(BaseCommand):
     help = "Fill the two-level cache by running the registered cache warmers."
 
@@ -47,7 +90,11 @@ class Command(BaseCommand):
             "--list", action="store_true", help="List warmers and exit."
         )
         parser.add_argument(
-            "--only", nargs="+", metavar="NAME", help="Run only these warmers."
+            "--only",
+            nargs="+",
+            metavar="NAME",
+            help="Run only these warmers: full dotted name, or the function's "
+            "short name when it is unambiguous.",
         )
         parser.add_argument(
             "--dry-run",
@@ -66,16 +113,11 @@ class Command(BaseCommand):
         workers = options["workers"]
         if workers < 1:
             raise CommandError(f"--workers {workers}: expected a number >= 1.")
+        #: 0: errors only; 1 (default): progress and the summary table.
+        self.verbosity = options["verbosity"]
         warmers = discover()
         if options["only"]:
-            unknown = [n for n in options["only"] if n not in warmers]
-            if unknown:
-                raise CommandError(
-                    f"Unknown warmer(s): {', '.join(unknown)}. Known: "
-                    + (", ".join(sorted(warmers)) or "none")
-                    + "."
-                )
-            warmers = {n: warmers[n] for n in options["only"]}
+            warmers = select(warmers, options["only"])
         if options["list"]:
             for name, w in sorted(warmers.items()):
                 target = (
@@ -87,13 +129,15 @@ class Command(BaseCommand):
                 self.stdout.write("No warmers registered.")
             return
         if not warmers:
-            self.stdout.write("No warmers registered.")
+            if self.verbosity:
+                self.stdout.write("No warmers registered.")
             return
 
         outcomes = []
         for name in sorted(warmers):
             outcomes.append(self.run_warmer(warmers[name], workers, options["dry_run"]))
-        self.summary(outcomes, options["dry_run"])
+        if self.verbosity:
+            self.summary(outcomes, options["dry_run"])
         failed = [o for o in outcomes if o.failures]
         if failed:
             raise CommandError(
@@ -104,7 +148,7 @@ class Command(BaseCommand):
     def run_warmer(self, w: cache.Warmer, workers: int, dry_run: bool) -> Outcome:
         outcome = Outcome(w.name)
         started = time.perf_counter()
-        self.stdout.write(f"{w.name}: started")
+        self.progress(f"{w.name}: started")
         try:
             if w.target is None:
                 if dry_run:
@@ -164,7 +208,7 @@ class Command(BaseCommand):
                             outcome.failures += 1
                             outcome.errors.append(error)
                         if done[0] % step == 0 or done[0] == total:
-                            self.stdout.write(f"{w.name}: {done[0]}/{total}")
+                            self.progress(f"{w.name}: {done[0]}/{total}")
             finally:
                 if threading.current_thread() is not threading.main_thread():
                     connections.close_all()
@@ -177,6 +221,10 @@ class Command(BaseCommand):
             t.start()
         for t in threads:
             t.join()
+
+    def progress(self, line: str) -> None:
+        if self.verbosity:
+            self.stdout.write(line)
 
     def summary(self, outcomes: list[Outcome], dry_run: bool) -> None:
         self.stdout.write("")
