@@ -7,7 +7,7 @@ An id keeps its meaning for good; docs/checks.rst lists them all.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
@@ -191,7 +191,7 @@ def check_scaling_readiness(
         )
     default_cache = getattr(settings, "CACHES", {}).get("default", {})
     backend = default_cache.get("BACKEND", "")
-    if backend in _PROCESS_LOCAL_CACHES:
+    if backend and _backend_is(backend, _PROCESS_LOCAL_CACHES):
         messages.append(
             Warning(
                 f'CACHES["default"] uses {backend!r}, which each process keeps for '
@@ -301,6 +301,32 @@ _SENTINEL_CLIENT = "django_redis.client.SentinelClient"
 _SENTINEL_FACTORY = "django_redis.pool.SentinelConnectionFactory"
 
 
+def _backend_is(path: str, bases: Iterable[str]) -> bool:
+    """Whether the cache ``BACKEND`` at ``path`` is one of ``bases`` or a
+    subclass (django-prometheus's backends subclass django-redis's and Django's).
+    A path that cannot be imported matches only by name."""
+    from django.utils.module_loading import import_string
+
+    if path in bases:
+        return True
+    try:
+        cls = import_string(path)
+    except ImportError:
+        return False
+    for base in bases:
+        try:
+            base_cls = import_string(base)
+        except ImportError:
+            continue
+        if (
+            isinstance(cls, type)
+            and isinstance(base_cls, type)
+            and issubclass(cls, base_cls)
+        ):
+            return True
+    return False
+
+
 def _url_db(url: str) -> int | None:
     """The database a ``redis://`` URL names (path or ``?db=``), None if unreadable."""
     parsed = urlsplit(url)
@@ -375,7 +401,8 @@ def check_cache(
     messages: list[CheckMessage] = []
     l2 = caches.get(cfg.l2, {})
     backend = l2.get("BACKEND", "")
-    if backend in _PROCESS_LOCAL_CACHES:
+    is_redis = bool(backend) and _backend_is(backend, (_DJANGO_REDIS_BACKEND,))
+    if backend and not is_redis and _backend_is(backend, _PROCESS_LOCAL_CACHES):
         messages.append(
             Warning(
                 f'SCALEKIT["CACHE"]["L2"] is {cfg.l2!r}, which uses {backend!r}: each '
@@ -385,7 +412,7 @@ def check_cache(
                 id="scalekit.W202",
             )
         )
-    elif backend and backend != _DJANGO_REDIS_BACKEND:
+    elif backend and not is_redis:
         messages.append(
             Warning(
                 f'SCALEKIT["CACHE"]["L2"] is {cfg.l2!r}, which uses {backend!r}, not '
@@ -396,7 +423,7 @@ def check_cache(
                 id="scalekit.W203",
             )
         )
-    if backend == _DJANGO_REDIS_BACKEND:
+    if is_redis:
         messages.extend(_check_redis_client(cfg.l2, l2))
         options = l2.get("OPTIONS", {})
         missing = [o for o in _SOCKET_OPTIONS if o not in options]

@@ -450,10 +450,27 @@ def _replicas(
     return tuple(aliases), tuple(weights)
 
 
+#: SCALEKIT["METRICS"] keys, their defaults and meaning (docs/settings.md).
+METRICS_DEFAULTS: dict[str, tuple[object, str]] = {
+    "ROUTING": (
+        True,
+        "Count routed queries in scalekit_router_queries_total "
+        "(when prometheus_client is installed).",
+    ),
+}
+
+
 def _routing_metrics(b: _Builder, raw: Mapping[str, Any]) -> bool:
     from django_scalekit import metrics
 
-    value = raw.get("ROUTING", True)
+    b.unknown_keys(
+        raw,
+        METRICS_DEFAULTS,
+        'SCALEKIT["METRICS"]',
+        "scalekit.W501",
+        "a metrics setting",
+    )
+    value = raw.get("ROUTING", METRICS_DEFAULTS["ROUTING"][0])
     if not isinstance(value, bool):
         b.error(
             "scalekit.E501",

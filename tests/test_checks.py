@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from django.test import override_settings
@@ -130,6 +131,13 @@ def test_process_local_default_cache(backend):
         assert "scalekit.W021" in ids(checks.check_scaling_readiness())
 
 
+def test_process_local_default_cache_behind_django_prometheus():
+    pytest.importorskip("django_prometheus")
+    backend = "django_prometheus.cache.backends.locmem.LocMemCache"
+    with override_settings(CACHES={"default": {"BACKEND": backend}}):
+        assert "scalekit.W021" in ids(checks.check_scaling_readiness())
+
+
 def test_checks_are_registered():
     with (
         override_settings(SCALEKIT={"REPLICAS": ["ghost"]}),
@@ -194,3 +202,48 @@ def test_group_names_that_cannot_travel_in_the_cookie(name):
     scalekit = {"REPLICAS": ["replica"], "GROUPS": {name: {"PRIMARY": "analytics"}}}
     with override_settings(SCALEKIT=scalekit):
         assert ids(checks.check_replica_router()) == ["scalekit.W009"]
+
+
+PROMETHEUS_REDIS = "django_prometheus.cache.backends.redis.RedisCache"
+
+
+def test_cache_checks_see_django_prometheus_backends_as_what_they_subclass():
+    pytest.importorskip("django_prometheus")
+    redis_url = settings.CACHES["default"]["LOCATION"]
+    caches = {
+        **settings.CACHES,
+        # Socket timeouts set: nothing to say.
+        "prom": {
+            "BACKEND": PROMETHEUS_REDIS,
+            "LOCATION": redis_url,
+            "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 0.5, "SOCKET_TIMEOUT": 0.5},
+        },
+        # The Redis client checks still run: no timeouts (W204), a Sentinel
+        # client without its connection factory (E210).
+        "prom_bare": {"BACKEND": PROMETHEUS_REDIS, "LOCATION": redis_url},
+        "prom_sentinel": {
+            "BACKEND": PROMETHEUS_REDIS,
+            "LOCATION": "redis://scalekit/0",
+            "OPTIONS": {
+                "CLIENT_CLASS": "django_redis.client.SentinelClient",
+                "SOCKET_CONNECT_TIMEOUT": 0.5,
+                "SOCKET_TIMEOUT": 0.5,
+            },
+        },
+        "prom_local": {
+            "BACKEND": "django_prometheus.cache.backends.locmem.LocMemCache"
+        },
+        "missing": {"BACKEND": "nowhere.cache.Backend"},
+    }
+    cases = {
+        "prom": [],
+        "prom_bare": ["scalekit.W204"],
+        "prom_sentinel": ["scalekit.E210"],
+        "prom_local": ["scalekit.W202"],
+        # Cannot be imported: not django-redis, and no crash.
+        "missing": ["scalekit.W203"],
+    }
+    with override_settings(CACHES=caches):
+        for alias, expected in cases.items():
+            with override_settings(SCALEKIT={"CACHE": {"L2": alias}}):
+                assert ids(checks.check_cache()) == expected, alias

@@ -17,11 +17,13 @@ import urllib.request
 
 import pytest
 from django.conf import settings
+from django.db import DatabaseError
+from django.db.models import Count
 from django.http import HttpResponse
 from django.test import Client, override_settings
 from django.urls import path
 
-from django_scalekit import health, metrics
+from django_scalekit import cdn, checks, conf, health, metrics, routers, sharding
 from django_scalekit.cache import cached
 from tests import cache_worker
 from tests.conftest import ROOT, require_service
@@ -79,6 +81,19 @@ def test_declaring_twice_returns_the_same_metric():
     first = metrics.counter("test_twice_total", "x", ["outcome"])
     assert metrics.counter("test_twice_total", "x", ["outcome"]) is first
     assert metrics.declared()["scalekit_test_twice_total"].labelnames == ("outcome",)
+
+
+# --- settings ---------------------------------------------------------------------------
+
+
+def test_metrics_settings_are_checked():
+    problems = conf.build({"METRICS": {"ROUTNG": False, "ROUTING": "no"}}).problems
+    assert [p.id for p in problems] == ["scalekit.W501", "scalekit.E501"]
+    assert 'SCALEKIT["METRICS"]["ROUTNG"] is not a metrics setting' in problems[0].msg
+    assert "ROUTING" in problems[0].hint
+    assert conf.build({"METRICS": {"ROUTING": True}}).problems == ()
+    with override_settings(SCALEKIT={**settings.SCALEKIT, "METRICS": {"ROUTNG": 1}}):
+        assert [m.id for m in checks.check_settings()] == ["scalekit.W501"]
 
 
 # --- without prometheus_client ------------------------------------------------------------
@@ -156,6 +171,11 @@ urlpatterns = [
 @cached(timeout=60)
 def square(x):
     return x * x
+
+
+@cached(timeout=60)
+def cube(x):
+    return x**3
 
 
 def _families(text):
@@ -237,10 +257,18 @@ DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memor
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 MIDDLEWARE = ["django_scalekit.middleware.CDNCacheMiddleware"]
 ROOT_URLCONF = "mp_site"
-SCALEKIT = {"CDN": {"RULES": [{"PREFIX": "/hit/", "CACHE": "public", "MAX_AGE": 60}]}}
+SCALEKIT = {
+    "CDN": {"RULES": [{"PREFIX": "/hit/", "CACHE": "public", "MAX_AGE": 60}]},
+    # deploy/gunicorn.conf.py drains on SIGTERM: stop at once in the test.
+    "HEALTH": {"DATABASES": [], "CACHES": ["default"], "DRAIN_SECONDS": 0},
+}
 
 
 def hit(request):
+    from django_scalekit import health
+
+    # A gauge in "livemostrecent" mode, set by every worker.
+    health.run_checks()
     time.sleep(0.5)  # keep this worker busy: the next request goes to another
     return HttpResponse(str(os.getpid()))
 
@@ -263,11 +291,6 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mp_site")
 from django.core.wsgi import get_wsgi_application
 application = get_wsgi_application()
 """
-GUNICORN_CONF = """
-def child_exit(server, worker):
-    from prometheus_client import multiprocess
-    multiprocess.mark_process_dead(worker.pid)
-"""
 
 
 def _free_port():
@@ -287,13 +310,17 @@ def test_gunicorn_workers_are_summed_in_multiprocess_mode(tmp_path, preload):
     pytest.importorskip("gunicorn")
     multiproc = tmp_path / "prometheus"
     multiproc.mkdir()
+    # Left by an earlier run: deploy/gunicorn.conf.py empties the directory
+    # on start (the collector would fail on it otherwise).
+    (multiproc / "counter_1.db").write_bytes(b"not a metrics file")
     (tmp_path / "mp_site.py").write_text(textwrap.dedent(SITE))
     (tmp_path / "mp_wsgi.py").write_text(textwrap.dedent(WSGI))
-    (tmp_path / "gunicorn_conf.py").write_text(textwrap.dedent(GUNICORN_CONF))
     port = _free_port()
     env = {
         **{k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"},
         "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
+        "GUNICORN_BIND": f"127.0.0.1:{port}",
+        "GUNICORN_WORKERS": "2",
         "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
     }
     server = subprocess.Popen(
@@ -302,11 +329,7 @@ def test_gunicorn_workers_are_summed_in_multiprocess_mode(tmp_path, preload):
             "-m",
             "gunicorn",
             "--config",
-            str(tmp_path / "gunicorn_conf.py"),
-            "--workers",
-            "2",
-            "--bind",
-            f"127.0.0.1:{port}",
+            str(ROOT / "deploy" / "gunicorn.conf.py"),
             *(["--preload"] if preload else []),
             "mp_wsgi:application",
         ],
@@ -341,6 +364,7 @@ def test_gunicorn_workers_are_summed_in_multiprocess_mode(tmp_path, preload):
         assert len(pids) == 6
         assert len(set(pids)) == 2, pids  # both workers counted some
         families = _families(_get(f"{base}/metrics"))
+        live_gauges = list(multiproc.glob("gauge_livemostrecent_*.db"))
     finally:
         server.terminate()
         server.communicate(timeout=30)  # waits and closes the stderr pipe
@@ -355,6 +379,18 @@ def test_gunicorn_workers_are_summed_in_multiprocess_mode(tmp_path, preload):
         ("scalekit_cdn_responses_total", 6.0)
     ]
     assert len(list(multiproc.glob("counter_*.db"))) >= 2
+    assert not (multiproc / "counter_1.db").exists()
+    # A gauge in "livemostrecent" mode: one value for all workers, no pid label.
+    status = [
+        (s.labels, s.value)
+        for s in families["scalekit_health_check_status"].samples
+        if s.labels.get("check") == "cache:default"
+    ]
+    assert status == [({"check": "cache:default"}, 1.0)]
+    # One file per worker, removed by child_exit (mark_process_dead) when the
+    # workers stop, so a dead worker's value no longer counts.
+    assert len(live_gauges) == 2
+    assert not any(path.exists() for path in live_gauges)
 
 
 # --- docs/metrics.md ----------------------------------------------------------------------
@@ -380,3 +416,148 @@ def test_docs_list_every_metric_with_its_type_and_labels():
         if metric.module.startswith("django_scalekit.")
     }
     assert _documented() == in_code
+
+
+# --- each piece's counters, read back from the registry --------------------------------------
+
+
+def sample(name, **labels):
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+class Delta:
+    """Samples' increase between construction and ``__call__``."""
+
+    def __init__(self, *samples):
+        self.before = {s: sample(s[0], **dict(s[1:])) for s in samples}
+
+    def __call__(self):
+        return {s: sample(s[0], **dict(s[1:])) - v for s, v in self.before.items()}
+
+
+def s(name, **labels):
+    return (name, *sorted(labels.items()))
+
+
+@needs_prometheus
+@pytest.mark.django_db(transaction=True, databases="__all__")
+def test_fan_out_counts_queries_outcomes_and_duration():
+    from tests.shardapp.models import Order
+
+    ok = s("scalekit_shard_fanout_queries_total", group="orders", outcome="ok")
+    error = s("scalekit_shard_fanout_queries_total", group="orders", outcome="error")
+    runs = s("scalekit_shard_fanout_seconds_count", group="orders")
+    seconds = s("scalekit_shard_fanout_seconds_sum", group="orders")
+    fast = s("scalekit_shard_fanout_seconds_bucket", group="orders", le="5.0")
+    delta = Delta(ok, error, runs, seconds, fast)
+    with routers.routing_scope():
+        # The scope wrote: reads go to the shards' primaries, not a lagging replica.
+        Order.objects.bulk_create(Order(customer_id=k, amount=k) for k in range(1, 41))
+        assert Order.objects.fan_out_count() == 40
+        assert len(Order.objects.fan_out()) == 40
+        assert Order.objects.fan_out_aggregate(n=Count("id")) == {"n": 40}
+        with pytest.raises(DatabaseError):
+            Order.objects.extra(where=["no_such_column = 1"]).fan_out()
+    changed = delta()
+    assert changed[ok] == 3
+    assert changed[error] == 1
+    # Only completed fan-outs are timed.
+    assert changed[runs] == 3 and changed[fast] == 3
+    assert 0 < changed[seconds] < 15
+
+
+@needs_prometheus
+@pytest.mark.django_db(transaction=True, databases="__all__")
+def test_router_counts_queries_on_shard_aliases():
+    from tests.shardapp.models import Order
+
+    keys = {}
+    for k in range(1, 200):
+        keys.setdefault(sharding.shard_for_key(Order, k), k)
+        if len(keys) == 2:
+            break
+    queries = "scalekit_router_queries_total"
+    samples = {
+        (alias, reason): s(queries, alias=alias, reason=reason)
+        for alias in ("shard0", "shard1", "shard0_replica", "shard1_replica")
+        for reason in ("read", "write", "pinned")
+    }
+    delta = Delta(*samples.values())
+    with routers.routing_scope():
+        # A read of each shard, from its replica.
+        assert Order.objects.for_key(keys["shard0"]).count() >= 0
+        assert Order.objects.for_key(keys["shard1"]).count() >= 0
+    with routers.routing_scope():
+        # A write to shard0, then a read there, pinned to its primary.
+        Order.objects.create(customer_id=keys["shard0"], amount=1)
+        assert Order.objects.for_key(keys["shard0"]).count() >= 1
+    changed = {key: delta()[sample_] for key, sample_ in samples.items()}
+    assert {key: n for key, n in changed.items() if n} == {
+        ("shard0_replica", "read"): 1,
+        ("shard1_replica", "read"): 1,
+        ("shard0", "write"): 1,
+        ("shard0", "pinned"): 1,
+    }
+
+
+@needs_prometheus
+def test_cdn_purges_are_counted_by_outcome():
+    import http.server
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        status = 200
+
+        def do_PURGE(self):
+            self.send_response(type(self).status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    ok = s("scalekit_cdn_purges_total", outcome="ok")
+    error = s("scalekit_cdn_purges_total", outcome="error")
+    delta = Delta(ok, error)
+    try:
+        purge = {
+            "BACKEND": "django_scalekit.cdn.HTTPPurgeBackend",
+            "OPTIONS": {"ENDPOINTS": [f"http://127.0.0.1:{server.server_address[1]}"]},
+        }
+        with override_settings(SCALEKIT={**settings.SCALEKIT, "CDN": {"PURGE": purge}}):
+            assert cdn.purge(urls=["https://shop.example.com/a/"]).ok
+            assert cdn.purge(urls=["/b/", "/c/"]).ok
+            Answer.status = 500
+            assert not cdn.purge(urls=["/d/"]).ok
+            # Nothing to purge: no call, nothing counted.
+            assert cdn.purge().ok
+        closed = {
+            "BACKEND": "django_scalekit.cdn.HTTPPurgeBackend",
+            "OPTIONS": {"ENDPOINTS": ["http://127.0.0.1:1"]},
+        }
+        with override_settings(
+            SCALEKIT={**settings.SCALEKIT, "CDN": {"PURGE": closed}}
+        ):
+            assert not cdn.purge(urls=["/e/"]).ok
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert delta() == {ok: 2, error: 2}
+
+
+@needs_prometheus
+def test_cache_invalidations_are_counted_per_function():
+    require_service("Redis", 6379)
+    name = f"{__name__}.cube"
+    invalidations = s("scalekit_cache_invalidations_total", function=name)
+    other = s("scalekit_cache_invalidations_total", function=f"{__name__}.square")
+    delta = Delta(invalidations, other)
+    with cache_worker.own_prefix():
+        assert cube(2) == 8
+        cube.invalidate(2)
+        cube.invalidate(3)  # nothing cached: still an invalidate() call
+        cube.invalidate_all()
+    assert delta() == {invalidations: 3, other: 0}

@@ -21,8 +21,11 @@ services (``scripts/topology up`` does) with:
 * ``SCALEKIT_EXAMPLE_PINNING_SECONDS``: ``SCALEKIT["PINNING_SECONDS"]``
   (default 5; set 0 to watch a POST-redirect-GET miss its own write).
 
-``/metrics`` appears when django-prometheus is installed (with
-``PROMETHEUS_MULTIPROC_DIR`` set, it sums the workers of a gunicorn).
+When django-prometheus is installed, its middleware, database backends
+(``django_prometheus.db.backends.postgresql``/``sqlite3``) and cache backends
+(``django_prometheus.cache.backends.redis.RedisCache``/``locmem``) are used and
+``/metrics`` appears (with ``PROMETHEUS_MULTIPROC_DIR`` set, it sums the
+workers of a gunicorn).
 """
 
 from __future__ import annotations
@@ -175,6 +178,15 @@ SHARD_MAP = {
     for i, alias in enumerate(SHARDS)
 }
 
+if HAS_PROMETHEUS:
+    # django-prometheus's database backends: Django's, counting connections,
+    # queries and errors per alias (django_db_*). Routing still goes by
+    # connection.vendor, so the router sees no difference.
+    for _db in DATABASES.values():
+        _db["ENGINE"] = _db["ENGINE"].replace(
+            "django.db.backends.", "django_prometheus.db.backends."
+        )
+
 # The shard router first: it routes the sharded Order and passes on the rest.
 DATABASE_ROUTERS = [
     "django_scalekit.routers.ShardRouter",
@@ -200,6 +212,18 @@ else:
     # The two-level cache works on any L2, without cross-process invalidation:
     # that is what W202/W203 say, and all this single process needs.
     SILENCED_SYSTEM_CHECKS = ["scalekit.W202", "scalekit.W203"]
+if HAS_PROMETHEUS:
+    # django-prometheus's cache backends: subclasses of django-redis's and
+    # Django's, counting gets, hits and misses (django_cache_*). The two-level
+    # cache and its checks treat them as what they subclass.
+    _PROMETHEUS_CACHES = {
+        "django_redis.cache.RedisCache": "django_prometheus.cache.backends.redis.RedisCache",
+        "django.core.cache.backends.locmem.LocMemCache": (
+            "django_prometheus.cache.backends.locmem.LocMemCache"
+        ),
+    }
+    for _cache in CACHES.values():
+        _cache["BACKEND"] = _PROMETHEUS_CACHES.get(_cache["BACKEND"], _cache["BACKEND"])
 
 if HAS_CACHEOPS:
     CACHEOPS_REDIS = REDIS_URL
