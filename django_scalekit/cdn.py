@@ -8,7 +8,7 @@
    ``cache_control``, ``never_cache``, ``cache_page``...) keeps the view's
    choice, unless that choice lets a shared cache store what the safety rule
    forbids (an unsafe method, a status outside ``CACHEABLE_STATUSES``, a
-   per-user response): then ``private`` is added (``public`` and
+   per-user or streamed response): then ``private`` is added (``public`` and
    ``s-maxage`` dropped);
 2. unsafe methods and statuses outside ``CACHEABLE_STATUSES`` get ``no-store``;
 3. a response that sets a cookie, answers a request carrying
@@ -306,10 +306,15 @@ def apply(request: HttpRequest, response: HttpResponseBase) -> None:
         _responses.labels("view").inc()
         if not is_shared(response):
             _drop_cdn_headers(response)
-        elif uncacheable or is_per_user(request, response, cfg):
+        elif (
+            uncacheable
+            or _streams_unseen(response)
+            or is_per_user(request, response, cfg)
+        ):
             # The safety rule beats the view's choice: a CDN (one that
-            # ignores Vary: Cookie) would hand this user's page to others, or
-            # keep an error page or the answer to a POST.
+            # ignores Vary: Cookie) would hand this user's page to others
+            # (a stream's generator may still read the user), or keep an
+            # error page or the answer to a POST.
             make_private(response)
             _downgrades.labels("view").inc()
         else:
