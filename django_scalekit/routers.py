@@ -186,7 +186,9 @@ class Scope(_GroupState):
             if count:
                 tally[primary, reason] = tally.get((primary, reason), 0) + count
         self.n_pinned = self.n_transaction = self.n_write = 0
-        for (alias, reason), count in tally.items():
+        # A copy taken at once (under the GIL): a thread of this scope may
+        # still count into the old dict while we add it up.
+        for (alias, reason), count in list(tally.items()):
             _QUERIES.labels(alias, reason).inc(count)
 
     def group(self, name: str) -> _GroupState:
@@ -263,19 +265,25 @@ _flusher_lock = threading.Lock()
 
 def flush_implicit_scopes() -> None:
     """Add the counts of scopes nothing ends to the Prometheus counter now."""
-    for scope in list(_implicit):
+    with _flusher_lock:  # another thread may be adding a scope
+        scopes = list(_implicit)
+    for scope in scopes:
         scope.flush()
 
 
 def _flush_implicit_forever() -> None:
     while True:
         time.sleep(IMPLICIT_FLUSH_SECONDS)
-        flush_implicit_scopes()
+        try:
+            flush_implicit_scopes()
+        except Exception:  # never let the flusher die for the process's life
+            logger.exception("Flushing routing metrics failed")
 
 
 def _track_implicit(scope: _ImplicitScope) -> None:
     global _flusher
-    _implicit.add(scope)
+    with _flusher_lock:
+        _implicit.add(scope)
     if _flusher is None:
         with _flusher_lock:
             if _flusher is None:
@@ -288,10 +296,15 @@ def _track_implicit(scope: _ImplicitScope) -> None:
 
 
 def _forget_flusher() -> None:
-    # A forked child (a gunicorn worker) has no copy of the parent's thread.
+    # A forked child (a gunicorn worker) has no copy of the parent's thread,
+    # and the parent adds up the counts its scopes held at the fork.
     global _flusher, _flusher_lock
     _flusher = None
     _flusher_lock = threading.Lock()
+    for scope in list(_implicit):
+        scope.n_read = scope.n_pinned = scope.n_transaction = scope.n_write = 0
+        if scope.tally is not None:
+            scope.tally = {}
 
 
 atexit.register(flush_implicit_scopes)
