@@ -631,7 +631,8 @@ class TestFanOut:
         with use_primary():
             for _ in range(3):
                 assert len(Order.objects.fan_out()) == 60
-        assert wait_until(lambda: backends() == before, timeout=5)
+        # <=: a connection another test left open may close meanwhile.
+        assert wait_until(lambda: backends() <= before, timeout=5)
 
 
 # --- Shard-aware IDs on SQLite ----------------------------------------------------
