@@ -20,6 +20,10 @@ services (``scripts/topology up`` does) with:
   primary onto the SQLite replica (default 2);
 * ``SCALEKIT_EXAMPLE_PINNING_SECONDS``: ``SCALEKIT["PINNING_SECONDS"]``
   (default 5; set 0 to watch a POST-redirect-GET miss its own write).
+* ``SCALEKIT_EXAMPLE_DB_DIR``: the folder of the SQLite files (default: the
+  project's, ``example_project/``);
+* ``SCALEKIT_EXAMPLE_STATIC_ROOT``: where ``collectstatic`` writes and
+  ``DJANGO_DEBUG=0`` serves static files from (default ``staticfiles/``).
 
 When django-prometheus is installed, its middleware, database backends
 (``django_prometheus.db.backends.postgresql``/``sqlite3``) and cache backends
@@ -37,6 +41,9 @@ from pathlib import Path
 from example_project import env
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+# SCALEKIT_EXAMPLE_DB_DIR: where the SQLite files and relative sqlite:/// URLs
+# live (tests/test_proxies.py gives each run its own folder).
+DB_DIR = Path(os.environ.get("SCALEKIT_EXAMPLE_DB_DIR") or BASE_DIR)
 
 SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "django-scalekit-example-not-a-secret")
 DEBUG = env.flag("DJANGO_DEBUG", True)
@@ -102,11 +109,11 @@ TEMPLATES = [
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
 if DATABASE_URL:
-    DATABASES = {"default": env.database(DATABASE_URL, BASE_DIR)}
+    DATABASES = {"default": env.database(DATABASE_URL, DB_DIR)}
     REPLICAS = []
     for i, url in enumerate(env.urls("REPLICA_URLS")):
         alias = "replica" if i == 0 else f"replica{i + 1}"
-        replica = env.database(url, BASE_DIR)
+        replica = env.database(url, DB_DIR)
         # Fail fast when a replica stops answering; tests read the primary.
         replica["OPTIONS"].setdefault("connect_timeout", "2")
         replica["TEST"] = {"MIRROR": "default"}
@@ -117,13 +124,13 @@ else:
         # The primary: writes, migrations, and reads of pinned clients.
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
-            "NAME": BASE_DIR / "db.sqlite3",
+            "NAME": DB_DIR / "db.sqlite3",
         },
         # The replica: a copy of db.sqlite3 refreshed every REPLICA_LAG seconds
         # by shop/replication.py. Read-only, as a hot standby is.
         "replica": {
             "ENGINE": "django.db.backends.sqlite3",
-            "NAME": BASE_DIR / "replica.sqlite3",
+            "NAME": DB_DIR / "replica.sqlite3",
             "OPTIONS": {"init_command": "PRAGMA query_only = ON"},
             "TEST": {"MIRROR": "default"},
         },
@@ -156,10 +163,10 @@ if _shard_replica_urls and len(_shard_replica_urls) != len(_shard_urls):
     )
 for i, url in enumerate(_shard_urls):
     alias = f"shard{i}"
-    DATABASES[alias] = env.database(url, BASE_DIR)
+    DATABASES[alias] = env.database(url, DB_DIR)
     SHARDS.append(alias)
     if _shard_replica_urls:
-        replica = env.database(_shard_replica_urls[i], BASE_DIR)
+        replica = env.database(_shard_replica_urls[i], DB_DIR)
         if replica["ENGINE"].endswith("sqlite3"):
             replica["OPTIONS"] = {"init_command": "PRAGMA query_only = ON"}
         else:
@@ -303,7 +310,11 @@ LOGIN_REDIRECT_URL = "shop:order_list"
 LOGOUT_REDIRECT_URL = "shop:catalog"
 
 STATIC_URL = "/static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
+# SCALEKIT_EXAMPLE_STATIC_ROOT: collect elsewhere than the checkout (the
+# real-proxy tests in tests/test_proxies.py collect into their own folder).
+STATIC_ROOT = Path(
+    os.environ.get("SCALEKIT_EXAMPLE_STATIC_ROOT") or BASE_DIR / "staticfiles"
+)
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     # Fingerprinted names (shop.3f2a9c1b7d0e.css): CDNCacheMiddleware marks
