@@ -66,6 +66,7 @@ _FANOUT_SECONDS = metrics.histogram(
 )
 
 if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
     from django.db.models import Model
 
 _M = TypeVar("_M", bound="Model")
@@ -815,17 +816,36 @@ def bucket_rows(model: type[Model], alias: str) -> dict[int, int]:
         return {int(b): int(n) for b, n in cursor.fetchall()}
 
 
-def plan_reshard(group: str, new_map: Sequence[str]) -> list[BucketMove]:
+def reshard_databases(
+    group: str, new_map: Sequence[str] = (), retired: Sequence[str] = ()
+) -> tuple[str, ...]:
+    """Every database a reshard of ``group`` scans for rows: the group's
+    ``SHARDS`` (the settings' MAP's aliases when unset), ``new_map``'s, and
+    ``retired``: databases neither map names any more (a MAP deployed that
+    dropped one while ``SHARDS`` is unset) that may still hold rows."""
+    cfg = (conf._settings or conf.get()).sharding.groups[group]
+    from django.conf import settings
+
+    for alias in retired:
+        if alias not in settings.DATABASES:
+            raise ValueError(f"retired={alias!r}: not in DATABASES")
+    return tuple(dict.fromkeys((*cfg.shards, *new_map, *retired)))
+
+
+def plan_reshard(
+    group: str, new_map: Sequence[str], *, retired: Sequence[str] = ()
+) -> list[BucketMove]:
     """What moving ``group`` to ``new_map`` does: every bucket whose database
     changes, and every bucket with rows on a database other than its new one
-    (e.g. left there by an interrupted run), with row counts. Reads only."""
+    (e.g. left there by an interrupted run), with row counts. Reads only.
+    Scans :func:`reshard_databases`."""
     cfg = (conf._settings or conf.get()).sharding.groups[group]
     models_ = sharded_models(group)
     moves: dict[tuple[int, str, str], Counter[str]] = {}
     for bucket, (old, new) in enumerate(zip(cfg.alias_by_bucket, new_map, strict=True)):
         if old != new:
             moves[(bucket, old, new)] = Counter()
-    for alias in dict.fromkeys((*cfg.shards, *new_map)):
+    for alias in reshard_databases(group, new_map, retired):
         for model in models_:
             for bucket, n in bucket_rows(model, alias).items():
                 target = new_map[bucket] if bucket < len(new_map) else None
@@ -858,24 +878,32 @@ def reshard_lock_id(group: str) -> int:
 
 
 @contextmanager
-def reshard_lock(group: str) -> Iterator[None]:
-    """Hold ``pg_try_advisory_lock`` on every PostgreSQL shard of ``group``.
+def reshard_lock(group: str, databases: Iterable[str] | None = None) -> Iterator[None]:
+    """Hold ``pg_try_advisory_xact_lock`` on every PostgreSQL shard of ``group``.
 
     Two runs moving the same rows at once would each delete what the other
-    just verified; the second one raises :class:`ReshardLocked` instead. The
-    lock is per session: it goes when the run ends or its connection drops.
-    Shards on other backends are not locked.
+    just verified; the second one raises :class:`ReshardLocked` instead.
+    Each lock is taken on a connection of its own, in a transaction kept
+    open for the whole run and rolled back at its end: behind PgBouncer in
+    transaction pooling a session-level lock would be taken and released on
+    different server connections, while an open transaction keeps its one.
+    ``databases``: those to lock (default :func:`reshard_databases`). Shards
+    on other backends are not locked.
     """
-    cfg = (conf._settings or conf.get()).sharding.groups[group]
     key = reshard_lock_id(group)
-    taken: list[str] = []
+    held: list[BaseDatabaseWrapper] = []
     try:
-        for alias in cfg.shards:
-            connection = connections[alias]
-            if connection.vendor != "postgresql":
+        for alias in reshard_databases(group) if databases is None else databases:
+            if connections[alias].vendor != "postgresql":
                 continue
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_try_advisory_lock(%s)", [key])
+            holder = connections.create_connection(alias)
+            held.append(holder)
+            holder.set_autocommit(False)
+            with holder.cursor() as cursor:
+                # The server's idle-in-transaction timeout would end the
+                # transaction, and the lock with it, between two batches.
+                cursor.execute("SET LOCAL idle_in_transaction_session_timeout = 0")
+                cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [key])
                 (ok,) = cursor.fetchone()
             if not ok:
                 raise ReshardLocked(
@@ -883,15 +911,15 @@ def reshard_lock(group: str) -> Iterator[None]:
                     f"the advisory lock {key} on {alias!r} (pg_locks, locktype "
                     "'advisory'). Wait for it to finish, or stop it, then run again."
                 )
-            taken.append(alias)
         yield
     finally:
-        for alias in reversed(taken):
+        for holder in reversed(held):
             try:
-                with connections[alias].cursor() as cursor:
-                    cursor.execute("SELECT pg_advisory_unlock(%s)", [key])
+                holder.rollback()
             except DatabaseError:  # the connection is gone: so is its lock
                 pass
+            finally:
+                holder.close()
 
 
 # --- Resharding: moving rows ----------------------------------------------------
@@ -905,8 +933,9 @@ class ReshardResult:
     batches: int = 0
     seconds: float = 0.0
     by_model: Counter[str] = field(default_factory=Counter)
-    #: Rows left where they were because their copy on the bucket's database
-    #: (under the deployed MAP) differs, or (cleanup) is missing: label -> rows.
+    #: Old copies left where they were, label -> rows: the copy on the
+    #: bucket's database under the deployed MAP (the live one) differs, or
+    #: there is none (not copied: see ``copy_missing``).
     differ: Counter[str] = field(default_factory=Counter)
     missing: Counter[str] = field(default_factory=Counter)
     #: A few of those rows, "label pk on alias", for the report.
@@ -925,6 +954,8 @@ def apply_reshard(
     progress: Callable[[str], None] | None = None,
     after_batch: Callable[[int], None] | None = None,
     keep_source: bool = False,
+    copy_missing: bool = False,
+    retired: Sequence[str] = (),
 ) -> ReshardResult:
     """Move every row of ``group`` onto the database ``new_map`` gives its bucket.
 
@@ -938,13 +969,20 @@ def apply_reshard(
     Which copy wins when a row is on both: the source's while the deployed
     MAP (settings) still sends the bucket there (it is the live one; the
     target copy is overwritten), the target's once the deployed MAP sends the
-    bucket to the target: then only missing rows are copied, and a source row
-    whose target copy differs is left in place and reported in
-    ``result.differ`` rather than written over the live row.
+    bucket to the target. Then nothing is copied: a source row identical to
+    its target copy is deleted, one whose target copy differs is left in
+    place (``result.differ``), and one with no target copy too
+    (``result.missing``): it may have been deleted on the live database
+    since, and copying it would bring it back. ``copy_missing=True`` copies
+    those instead, for when writes went to the old database after the copy.
 
+    Every sharded model of the group is moved, whatever the plan counted,
+    and at the end no row of a moved bucket may be left on its source
+    (:class:`ReshardError` otherwise: written during the run; run again).
     ``keep_source=True`` copies and verifies but deletes nothing: deploy the
-    new MAP, then :func:`cleanup_reshard` deletes the old copies. Holds
-    :func:`reshard_lock` throughout.
+    new MAP, then :func:`cleanup_reshard` deletes the old copies.
+    ``retired``: see :func:`reshard_databases`. Holds :func:`reshard_lock`
+    throughout.
     """
     sharding = (conf._settings or conf.get()).sharding
     if batch_size is None:
@@ -957,23 +995,23 @@ def apply_reshard(
     started = time.monotonic()
     result = ReshardResult()
     home = sharding.groups[group].alias_by_bucket
-    with reshard_lock(group):
+    databases = reshard_databases(group, new_map, retired)
+    with reshard_lock(group, databases):
         # (source, target, whether the deployed MAP already sends there) -> buckets
         jobs: dict[tuple[str, str, bool], list[int]] = defaultdict(list)
         planned: Counter[tuple[str, str, bool, str]] = Counter()
-        for move in plan_reshard(group, new_map):
-            if move.total:
-                job = (move.source, move.target, home[move.bucket] == move.target)
-                jobs[job].append(move.bucket)
-                for label, n in move.rows.items():
-                    planned[(*job, label)] += n
+        # Every move, even of buckets (or models) with no rows at plan time:
+        # rows written into them since must move too.
+        for move in plan_reshard(group, new_map, retired=retired):
+            job = (move.source, move.target, home[move.bucket] == move.target)
+            jobs[job].append(move.bucket)
+            for label, n in move.rows.items():
+                planned[(*job, label)] += n
+        left_on_purpose: Counter[tuple[str, str]] = Counter()
         for (source, target, live_target), buckets in jobs.items():
             for model in sharded_models(group):
                 label = model._meta.label
-                total = planned[(source, target, live_target, label)]
-                if not total:
-                    continue
-                kept = result.differ[label]
+                kept = result.differ[label] + result.missing[label]
                 moved = _copy_rows(
                     model,
                     source,
@@ -982,25 +1020,36 @@ def apply_reshard(
                     batch_size=batch_size,
                     overwrite=not live_target,
                     delete=not keep_source,
-                    total=total,
+                    copy=not live_target or copy_missing,
+                    total=planned[(source, target, live_target, label)],
                     say=say,
                     result=result,
                     after_batch=after_batch,
                 )
-                if keep_source:
-                    say(f"{label}: {source} -> {target}: {moved} rows copied, verified")
-                    continue
-                wanted = set(buckets)
-                left = sum(
-                    n for b, n in bucket_rows(model, source).items() if b in wanted
+                left_on_purpose[label, source] += (
+                    result.differ[label] + result.missing[label] - kept
                 )
-                left -= result.differ[label] - kept  # left in place on purpose
-                if left > 0:
-                    raise ReshardError(
-                        f"{label}: {left} rows of the moved buckets are still on "
-                        f"{source!r} (written during the move?); run again."
+                if moved:
+                    verb = "copied" if keep_source else "moved"
+                    say(f"{label}: {source} -> {target}: {moved} rows {verb}, verified")
+        if not keep_source:
+            # Last, so that rows written into a bucket after its model was
+            # done are found too.
+            for source in dict.fromkeys(source for source, _, _ in jobs):
+                wanted = {
+                    b for (s, _, _), bs in jobs.items() if s == source for b in bs
+                }
+                for model in sharded_models(group):
+                    label = model._meta.label
+                    left = sum(
+                        n for b, n in bucket_rows(model, source).items() if b in wanted
                     )
-                say(f"{label}: {source} -> {target}: {moved} rows moved, verified")
+                    left -= left_on_purpose[label, source]
+                    if left > 0:
+                        raise ReshardError(
+                            f"{label}: {left} rows of the moved buckets are still on "
+                            f"{source!r} (written during the move?); run again."
+                        )
     result.seconds = time.monotonic() - started
     return result
 
@@ -1010,6 +1059,8 @@ def cleanup_reshard(
     *,
     batch_size: int | None = None,
     progress: Callable[[str], None] | None = None,
+    discard_stale: bool = False,
+    retired: Sequence[str] = (),
 ) -> ReshardResult:
     """Delete the copies ``apply_reshard(keep_source=True)`` left behind.
 
@@ -1019,7 +1070,9 @@ def cleanup_reshard(
     counted in ``result.differ`` (the copies differ: written on the old
     database after the copy?) or ``result.missing`` (no copy there: written
     on the old database after the copy, or deleted on the new one since).
-    Holds :func:`reshard_lock`.
+    ``discard_stale=True`` also deletes the rows that differ: the copy on
+    the bucket's database is the live one. Scans :func:`reshard_databases`
+    (``retired`` included). Holds :func:`reshard_lock`.
     """
     sharding = (conf._settings or conf.get()).sharding
     if batch_size is None:
@@ -1031,10 +1084,10 @@ def cleanup_reshard(
     say = progress or (lambda line: None)
     started = time.monotonic()
     result = ReshardResult()
-    cfg = sharding.groups[group]
-    home = cfg.alias_by_bucket
-    with reshard_lock(group):
-        for alias in cfg.shards:
+    home = sharding.groups[group].alias_by_bucket
+    databases = reshard_databases(group, retired=retired)
+    with reshard_lock(group, databases):
+        for alias in databases:
             for model in sharded_models(group):
                 strays: dict[str, list[int]] = defaultdict(list)
                 total: Counter[str] = Counter()
@@ -1052,6 +1105,7 @@ def cleanup_reshard(
                         overwrite=False,
                         delete=True,
                         copy=False,
+                        discard_stale=discard_stale,
                         total=total[target],
                         say=say,
                         result=result,
@@ -1075,6 +1129,7 @@ def _copy_rows(
     result: ReshardResult,
     after_batch: Callable[[int], None] | None,
     copy: bool = True,
+    discard_stale: bool = False,
 ) -> int:
     """Copy (or with ``copy=False`` only compare) the rows of ``buckets`` from
     ``source`` to ``target`` in keyset batches, and delete the verified ones.
@@ -1082,7 +1137,8 @@ def _copy_rows(
     ``overwrite``: the source is the live copy; upsert it over the target's.
     Otherwise the target's copy is the live one: missing rows are inserted
     (unless ``copy=False``), and a source row is deleted only when an
-    identical row is on the target.
+    identical row (with ``discard_stale``: any row) is on the target.
+    Returns the rows verified on the target.
     """
     meta = model._meta
     pk: Any = meta.pk
@@ -1106,7 +1162,7 @@ def _copy_rows(
         .filter(_scalekit_bucket__in=buckets)
         .order_by("pk")
     )
-    done = 0
+    done = scanned = 0
     last_pk: int | None = None
     while True:
         with transaction.atomic(using=source):
@@ -1144,7 +1200,11 @@ def _copy_rows(
             verified = []
             for row in rows:
                 theirs = there.get(row.pk)
-                if overwrite or theirs == tuple(getattr(row, c) for c in columns):
+                if (
+                    overwrite
+                    or (discard_stale and theirs is not None)
+                    or theirs == tuple(getattr(row, c) for c in columns)
+                ):
                     verified.append(row.pk)
                     continue
                 (result.missing if theirs is None else result.differ)[label] += 1
@@ -1162,11 +1222,12 @@ def _copy_rows(
                         f"{label}: deleting {len(verified)} verified rows from {source!r} "
                         f"removed {deleted}; rolled back."
                     )
-        done += len(verified) if delete else len(pks)
-        result.rows += len(verified) if delete else len(pks)
+        done += len(verified)
+        result.rows += len(verified)
         result.batches += 1
-        result.by_model[label] += len(verified) if delete else len(pks)
-        seen = max(total, done)
+        result.by_model[label] += len(verified)
+        scanned += len(pks)
+        seen = max(total, scanned)
         verb = ("moved" if copy else "deleted") if delete else "copied"
         say(
             f"{label}: {source} -> {target}: {done} of {seen} rows {verb} "

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from io import StringIO
 
 import psycopg
@@ -13,7 +14,7 @@ from django.db import connections
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 
-from django_scalekit import sharding
+from django_scalekit import conf, sharding
 from django_scalekit.routers import use_primary
 from django_scalekit.sharding import shard_bucket
 from tests.shardapp.models import Event, Order
@@ -382,12 +383,7 @@ def test_a_second_run_is_refused_while_one_holds_the_lock(rows):
             )
         assert {alias: table(alias) for alias in SHARDS} == before
         # Our own lock on shard0 was released when shard1 refused.
-        with connections["shard0"].cursor() as cursor:
-            cursor.execute(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
-                "AND pid = pg_backend_pid()"
-            )
-            assert cursor.fetchone()[0] == 0
+        assert advisory_locks("shard0") == []
     call_command(
         "scalekit_reshard", "--apply", json.dumps(THREE), "--noinput", stdout=StringIO()
     )
@@ -424,3 +420,241 @@ def test_ctrl_c_says_it_is_safe_to_run_again(rows, monkeypatch):
     )
     assert everywhere() == before
     placement_is(THREE)
+
+
+# --- The lock: a transaction of its own -------------------------------------
+
+
+def advisory_locks(alias):
+    """(pid, state) of every backend holding an advisory lock on ``alias``'s database."""
+    db = connections[alias].settings_dict
+    with psycopg.connect(
+        host=db["HOST"], port=db["PORT"], user=db["USER"], dbname=db["NAME"]
+    ) as other:
+        return other.execute(
+            "SELECT l.pid, a.state FROM pg_locks l JOIN pg_stat_activity a "
+            "USING (pid) WHERE l.locktype = 'advisory' "
+            "AND l.database = (SELECT oid FROM pg_database "
+            "WHERE datname = current_database())"
+        ).fetchall()
+
+
+def lock_is_free(alias):
+    db = connections[alias].settings_dict
+    lock = sharding.reshard_lock_id("orders")
+    with psycopg.connect(
+        host=db["HOST"], port=db["PORT"], user=db["USER"], dbname=db["NAME"]
+    ) as other:
+        return other.execute("SELECT pg_try_advisory_xact_lock(%s)", [lock]).fetchone()[
+            0
+        ]
+
+
+def test_the_lock_is_held_in_an_open_transaction_of_a_connection_of_its_own(rows):
+    # Behind PgBouncer (pool_mode=transaction) only a lock inside an open
+    # transaction stays on one server connection until it is released.
+    seen = {}
+
+    def look(batches):
+        if batches == 1:
+            with connections["shard0"].cursor() as cursor:
+                cursor.execute("SELECT pg_backend_pid()")
+                seen["django"] = cursor.fetchone()[0]
+            seen["locks"] = {alias: advisory_locks(alias) for alias in SHARDS}
+
+    sharding.apply_reshard(
+        "orders", sharding.parse_map("orders", THREE), batch_size=50, after_batch=look
+    )
+    for alias in SHARDS:
+        ((pid, state),) = seen["locks"][alias]
+        assert state == "idle in transaction", alias
+    assert seen["locks"]["shard0"][0][0] != seen["django"]
+
+
+def test_the_lock_is_gone_after_a_run_and_after_a_failure(rows):
+    new_map = sharding.parse_map("orders", THREE)
+
+    def crash(batches):
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        sharding.apply_reshard("orders", new_map, batch_size=50, after_batch=crash)
+    assert all(lock_is_free(alias) for alias in SHARDS)
+    assert all(advisory_locks(alias) == [] for alias in SHARDS)
+    sharding.apply_reshard("orders", new_map, batch_size=50)
+    assert all(lock_is_free(alias) for alias in SHARDS)
+    assert all(advisory_locks(alias) == [] for alias in SHARDS)
+    placement_is(THREE)
+
+
+# --- After the deploy: the new copy is the live one -------------------------
+
+
+def test_rerun_after_deploy_does_not_bring_back_a_row_deleted_on_the_new_shard(rows):
+    # An interrupted batch left a row on both databases; the new map was
+    # deployed; a user deleted the row on the new shard: a re-run must not
+    # copy the stale old row back.
+    new_map = sharding.parse_map("orders", THREE)
+    sharding.apply_reshard("orders", new_map, keep_source=True)
+    (pk, key), *_ = table("shard2")
+    old = "shard0" if shard_bucket(key) < 512 else "shard1"
+    # Only this row is left on both databases.
+    sharding.apply_reshard("orders", new_map)
+    Order._base_manager.using(old).bulk_create(
+        [Order._base_manager.using("shard2").get(pk=pk)]
+    )
+    with three_shards():
+        Order.objects.for_key(key).filter(pk=pk).delete()
+        with pytest.raises(CommandError, match="1 shardapp.Order rows have no copy"):
+            call_command("scalekit_reshard", "--apply", "--noinput", stdout=StringIO())
+        assert not Order._base_manager.using("shard2").filter(pk=pk).exists()
+        assert Order._base_manager.using(old).filter(pk=pk).exists()
+        # The operator knows it was a write the new database missed.
+        call_command(
+            "scalekit_reshard",
+            "--apply",
+            "--copy-missing",
+            "--noinput",
+            stdout=StringIO(),
+        )
+        assert Order._base_manager.using("shard2").filter(pk=pk).exists()
+        assert not Order._base_manager.using(old).filter(pk=pk).exists()
+
+
+def test_cleanup_says_the_live_copy_was_kept_and_discard_stale_deletes_old_ones(rows):
+    new_map = sharding.parse_map("orders", THREE)
+    sharding.apply_reshard("orders", new_map, keep_source=True)
+    before = everywhere()
+    (pk, key), *_ = table("shard2")
+    old = "shard0" if shard_bucket(key) < 512 else "shard1"
+    with three_shards():
+        Order.objects.for_key(key).filter(pk=pk).update(amount=777)
+        with pytest.raises(CommandError) as exc:
+            call_command(
+                "scalekit_reshard", "--cleanup", "--noinput", stdout=StringIO()
+            )
+        assert "That copy is the live one and was kept" in str(exc.value)
+        assert "--discard-stale" in str(exc.value)
+        assert Order._base_manager.using(old).filter(pk=pk).exists()
+        call_command(
+            "scalekit_reshard",
+            "--cleanup",
+            "--discard-stale",
+            "--noinput",
+            stdout=StringIO(),
+        )
+        assert not Order._base_manager.using(old).filter(pk=pk).exists()
+        assert Order._base_manager.using("shard2").get(pk=pk).amount == 777
+        placement_is(THREE)
+        assert everywhere() == sorted(set(before))
+    with pytest.raises(CommandError, match="--discard-stale goes with --cleanup"):
+        call_command("scalekit_reshard", "--apply", "--discard-stale")
+
+
+# --- Rows written during the run ---------------------------------------------
+
+
+def account_in(low, high):
+    return next(
+        a
+        for a in (uuid.uuid4() for _ in range(100_000))
+        if low <= shard_bucket(a) <= high
+    )
+
+
+def test_a_model_empty_at_plan_time_is_moved_too():
+    Order.objects.bulk_create(
+        [Order(customer_id=k, amount=1) for k in range(1, ROWS + 1)]
+    )
+    assert table("shard0", Event) == [] and table("shard1", Event) == []
+    written = []
+
+    def write(batches):
+        if batches == 1:  # into a moving bucket of shard0 (341-511)
+            written.append(Event.objects.create(account=account_in(341, 511), kind="x"))
+
+    sharding.apply_reshard(
+        "orders", sharding.parse_map("orders", THREE), batch_size=50, after_batch=write
+    )
+    (event,) = written
+    assert table("shard0", Event) == []
+    assert [pk for pk, _ in table("shard2", Event)] == [event.pk]
+    placement_is(THREE)
+
+
+def test_a_row_written_into_a_bucket_already_done_fails_the_run(rows):
+    before = everywhere()
+    customer = next(k for k in range(10**6, 2 * 10**6) if 341 <= shard_bucket(k) <= 511)
+
+    written = []
+
+    def write(batches):
+        # Once shard1's buckets are moving, shard0's are done: write into one.
+        if not written and any(shard_bucket(key) >= 854 for _, key in table("shard2")):
+            written.append(Order.objects.create(customer_id=customer))
+
+    with pytest.raises(sharding.ReshardError, match="still on 'shard0'"):
+        sharding.apply_reshard(
+            "orders",
+            sharding.parse_map("orders", THREE),
+            batch_size=50,
+            after_batch=write,
+        )
+    assert written and everywhere() == sorted([*before, (written[0].pk, customer)])
+    sharding.apply_reshard("orders", sharding.parse_map("orders", THREE))
+    placement_is(THREE)
+
+
+# --- A database the new map retires -----------------------------------------
+
+
+def without_shards(new_map):
+    raw = dict(settings.SCALEKIT)
+    spec = {
+        k: v for k, v in raw["SHARDING"]["GROUPS"]["orders"].items() if k != "SHARDS"
+    }
+    raw["SHARDING"] = {"GROUPS": {"orders": {**spec, "MAP": new_map}}}
+    return override_settings(SCALEKIT=raw)
+
+
+def test_a_retired_database_is_scanned_when_named():
+    # SHARDS unset: the group's databases are its MAP's. Once a MAP that
+    # drops shard2 is deployed, only --retired finds the copies left there.
+    with without_shards(THREE):
+        Order.objects.bulk_create(
+            [Order(customer_id=k, amount=1) for k in range(1, ROWS + 1)]
+        )
+        before = everywhere()
+        assert table("shard2")
+        out = StringIO()
+        call_command(
+            "scalekit_reshard",
+            "--apply",
+            json.dumps(TWO),
+            "--keep-source",
+            "--noinput",
+            stdout=out,
+        )
+        assert "gives no buckets to shard2" in out.getvalue()
+        assert "--retired shard2" in out.getvalue()
+    with without_shards(TWO):
+        assert conf.get().sharding.groups["orders"].shards == ("shard0", "shard1")
+        out = StringIO()
+        call_command("scalekit_reshard", "--cleanup", "--noinput", stdout=out)
+        assert "Nothing to clean up." in out.getvalue()
+        assert table("shard2")
+        out = StringIO()
+        call_command(
+            "scalekit_reshard",
+            "--cleanup",
+            "--retired",
+            "shard2",
+            "--noinput",
+            stdout=out,
+        )
+        assert "Deleted" in out.getvalue()
+        assert table("shard2") == []
+        assert everywhere() == before
+        placement_is(TWO)
+        with pytest.raises(CommandError, match="--retired 'nope' is not in DATABASES"):
+            call_command("scalekit_reshard", "--cleanup", "--retired", "nope")

@@ -9,6 +9,12 @@ copies without deleting; after the new MAP is deployed, ``--cleanup`` deletes
 the old copies that are identical to the new ones. NEW_MAP is JSON, inline or
 ``@path/to/file.json``: ``{"0-340": "shard0", "341-511": "shard2", ...}``.
 
+Once the deployed MAP sends a bucket to its new database, that copy is the
+live one: ``--apply`` then copies nothing and reports old rows with no copy
+there (exit non-zero) unless ``--copy-missing``, and ``--cleanup
+--discard-stale`` deletes old copies that differ from the live ones.
+``--retired ALIAS`` adds a database no map names any more to the scan.
+
 ``--apply`` and ``--cleanup`` show the plan and, at a terminal, ask for
 confirmation unless ``--noinput``; unattended (stdin not a terminal: a
 script, ``call_command()``) they go ahead after printing it.
@@ -20,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError
 
@@ -83,6 +90,30 @@ class Command(BaseCommand):
             help="With --apply: copy and verify, delete nothing (then deploy, then --cleanup).",
         )
         parser.add_argument(
+            "--copy-missing",
+            action="store_true",
+            help="With --apply, for buckets the MAP in settings already sends to their new "
+            "database: copy old rows that have no copy there (default: report them; they "
+            "may have been deleted there since). Use it when you know writes went to the "
+            "old database after the copy.",
+        )
+        parser.add_argument(
+            "--discard-stale",
+            action="store_true",
+            help="With --cleanup: also delete old copies that differ from the copy on "
+            "their bucket's database (the live one). Check the report of a run without "
+            "it first.",
+        )
+        parser.add_argument(
+            "--retired",
+            action="append",
+            default=[],
+            metavar="ALIAS",
+            help="Also scan this database (repeatable): one that no map names any more "
+            "but may still hold rows of the group, e.g. after deploying a MAP that drops "
+            "it while SHARDS is not set.",
+        )
+        parser.add_argument(
             "--group",
             help="Shard group (needed when SCALEKIT['SHARDING'] has several).",
         )
@@ -118,11 +149,26 @@ class Command(BaseCommand):
         group = groups[name]
         if options["keep_source"] and options["apply"] is None:
             raise CommandError("--keep-source goes with --apply NEW_MAP.")
+        if options["copy_missing"] and options["apply"] is None:
+            raise CommandError("--copy-missing goes with --apply.")
+        if options["discard_stale"] and not options["cleanup"]:
+            raise CommandError("--discard-stale goes with --cleanup.")
+        retired = options["retired"]
+        unknown = [alias for alias in retired if alias not in settings.DATABASES]
+        if unknown:
+            raise CommandError(f"--retired {unknown[0]!r} is not in DATABASES.")
         batch = options["batch_size"]
         if batch is not None and batch < 1:
             raise CommandError("--batch-size must be >= 1")
         if options["cleanup"]:
-            self._cleanup(name, group, batch, options["interactive"])
+            self._cleanup(
+                name,
+                group,
+                batch,
+                options["interactive"],
+                discard_stale=options["discard_stale"],
+                retired=retired,
+            )
             return
         raw = options["plan"] if options["plan"] is not None else options["apply"]
         if raw:
@@ -138,7 +184,7 @@ class Command(BaseCommand):
         else:
             new_map = group.alias_by_bucket
 
-        moves = sharding.plan_reshard(name, new_map)
+        moves = sharding.plan_reshard(name, new_map, retired=retired)
         if options["apply"] is not None and not raw:
             self.stdout.write(
                 "No NEW_MAP given: moving rows to where the MAP in settings puts their "
@@ -165,6 +211,8 @@ class Command(BaseCommand):
                 batch_size=batch,
                 progress=lambda line: self.stdout.write(line),
                 keep_source=keep,
+                copy_missing=options["copy_missing"],
+                retired=retired,
             )
         except KeyboardInterrupt:
             raise CommandError(
@@ -204,11 +252,26 @@ class Command(BaseCommand):
                 f'Now set SCALEKIT["SHARDING"]["GROUPS"][{name!r}]["MAP"] to the new map and '
                 f"deploy, {then}"
             )
+            dropped = [a for a in group.alias_by_bucket if a not in new_map]
+            if dropped:
+                names = ", ".join(dict.fromkeys(dropped))
+                self.stdout.write(
+                    f"The new map gives no buckets to {names}: keep it in SHARDS until "
+                    f"then, or pass --retired {dropped[0]} to those runs, or rows left "
+                    "there are not found."
+                )
 
     def _cleanup(
-        self, name: str, group: conf.ShardGroup, batch: int | None, interactive: bool
+        self,
+        name: str,
+        group: conf.ShardGroup,
+        batch: int | None,
+        interactive: bool,
+        *,
+        discard_stale: bool,
+        retired: list[str],
     ) -> None:
-        moves = sharding.plan_reshard(name, group.alias_by_bucket)
+        moves = sharding.plan_reshard(name, group.alias_by_bucket, retired=retired)
         total = sum(m.total for m in moves)
         self.stdout.write(
             f"Shard group {name!r}: {total} rows are on a database the MAP in settings "
@@ -224,11 +287,18 @@ class Command(BaseCommand):
             return
         self._confirm(
             interactive,
-            "delete each of these rows whose identical copy is on its bucket's database",
+            "delete each of these rows that has a copy on its bucket's database"
+            if discard_stale
+            else "delete each of these rows whose identical copy is on its bucket's "
+            "database",
         )
         try:
             result = sharding.cleanup_reshard(
-                name, batch_size=batch, progress=lambda line: self.stdout.write(line)
+                name,
+                batch_size=batch,
+                progress=lambda line: self.stdout.write(line),
+                discard_stale=discard_stale,
+                retired=retired,
             )
         except KeyboardInterrupt:
             raise CommandError(
@@ -236,6 +306,8 @@ class Command(BaseCommand):
                 "were deleted: it is safe to run the same command again.",
                 returncode=130,
             ) from None
+        except sharding.ReshardLocked as exc:
+            raise CommandError(str(exc)) from exc
         except (sharding.ShardingError, DatabaseError) as exc:
             raise CommandError(f"Cleanup stopped: {exc}. Run it again.") from exc
         self.stdout.write(
@@ -249,21 +321,24 @@ class Command(BaseCommand):
     def _report_conflicts(self, result: sharding.ReshardResult) -> None:
         if not result.conflicts:
             return
-        kinds = [
-            f"{n} {label} rows {how}"
-            for how, counts in (
-                ("differ from their copy", result.differ),
-                ("have no copy", result.missing),
+        lines = ["Old copies left in place on the old database:"]
+        for label, n in sorted(result.differ.items()):
+            lines.append(
+                f"  {n} {label} rows differ from their copy on the database the MAP in "
+                "settings sends their bucket to. That copy is the live one and was kept "
+                "(usually updated there since the deploy; or written on the old database "
+                "after the copy). Once checked, `--cleanup --discard-stale` deletes the "
+                "old copies."
             )
-            for label, n in sorted(counts.items())
-        ]
-        raise CommandError(
-            "Left in place: "
-            + ", ".join(kinds)
-            + " on the database the MAP in settings sends their bucket to (written on the "
-            "old database after the copy, or changed on the new one since?). Compare "
-            "and resolve them by hand, e.g.: " + "; ".join(result.examples)
-        )
+        for label, n in sorted(result.missing.items()):
+            lines.append(
+                f"  {n} {label} rows have no copy on the database the MAP in settings "
+                "sends their bucket to: deleted there since the deploy, or written on the "
+                "old database after the copy. Delete the old rows by hand, or, if they "
+                "are writes the new database missed, `--apply --copy-missing` copies them."
+            )
+        lines.append("E.g.: " + "; ".join(result.examples))
+        raise CommandError("\n".join(lines))
 
     def _confirm(self, interactive: bool, what: str) -> None:
         if not interactive:
