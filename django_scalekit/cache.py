@@ -11,10 +11,13 @@ A call of a ``@cached`` function goes, in this order:
 3. The leader makes **one** L2 round trip: a Lua script that returns the value,
    or else takes a short lock (``SET NX PX``) so that one process computes.
    A process that finds the lock taken polls the same script until the value
-   appears or the lock expires, and computes by itself after ``LOCK_TIMEOUT``
-   at most (a crashed or slow holder delays nobody for longer).
-4. The lock holder computes, then writes the value and releases the lock in
-   **one** more round trip (not written if ``invalidate()`` ran meanwhile).
+   appears, or the lock expires and it takes it over, and computes without
+   the lock only after ``6 * LOCK_TIMEOUT``.
+4. The lock holder computes while this process's ``LockKeeper`` thread
+   renews its lock every ``LOCK_TIMEOUT / 3`` (a crashed holder's lock
+   expires within ``LOCK_TIMEOUT``), then writes the value and releases the
+   lock in **one** more round trip (not written if ``invalidate()`` ran
+   meanwhile; inside ``transaction.atomic()`` only after the commit).
 
 ``invalidate()`` deletes the L2 entry and publishes its key on a Redis
 pub/sub channel; a listener thread in each process drops the key from its L1.
@@ -352,8 +355,9 @@ def _is_envelope(obj: object) -> bool:
     return isinstance(obj, tuple) and len(obj) == 4 and obj[0] == _ENVELOPE_TAG
 
 
-# Results of L2Adapter.read_or_lock:
-HIT, LOCKED, BUSY, DOWN = "hit", "locked", "busy", "down"
+# Results of L2Adapter.read_or_lock (PENDING: the holder handed the lock
+# back, see _HAND_BACK):
+HIT, LOCKED, BUSY, PENDING, DOWN = "hit", "locked", "busy", "pending", "down"
 
 #: How long a key's generation outlives its last invalidate(): a computation
 #: that started before that invalidation and runs longer than this could
@@ -372,7 +376,9 @@ _GEN_TTL_MS = 24 * 3600 * 1000
 #
 # KEYS[1] value, KEYS[2] lock, KEYS[3] generation, KEYS[4] invalidation time;
 # ARGV[1] token, ARGV[2] lock ms. Returns the value (a bulk string), or
-# {1, generation} (lock taken) or {0, generation} (someone else holds it).
+# {1, generation} (lock taken) or {0, generation, lock} (someone else holds
+# it; a lock starting with '!' was handed back by a holder that computed
+# inside a transaction and stores the value only after its commit).
 _READ_OR_LOCK = """
 local v = redis.call('GET', KEYS[1])
 if v then return v end
@@ -380,7 +386,7 @@ local gen = redis.call('GET', KEYS[3]) or '0'
 local inv = redis.call('GET', KEYS[4])
 if inv then gen = gen .. '@' .. inv end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, gen} end
-return {0, gen}
+return {0, gen, redis.call('GET', KEYS[2]) or ''}
 """
 # KEYS[1] lock, KEYS[2] generation, KEYS[3] invalidation time; ARGV[1] token,
 # ARGV[2] lock ms: the lock for an early refresh. Returns the generation, or
@@ -407,6 +413,23 @@ end
 if ARGV[4] ~= '' and (redis.call('GET', KEYS[3]) or '0') ~= ARGV[4] then return 0 end
 if ARGV[3] == '0' then redis.call('SET', KEYS[1], ARGV[2])
 else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+return 1
+"""
+# KEYS[1] lock; ARGV[1] token, ARGV[2] lock ms: extend the lock if it is
+# ours (LockKeeper). Returns 1, or 0 if it expired or another caller holds it.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+# KEYS[1] lock; ARGV[1] token, ARGV[2] lock ms: if the lock is ours, make it
+# '!' .. token for ARGV[2] ms: "computed inside a transaction, stored after
+# the commit": waiters compute by themselves rather than wait for it.
+_HAND_BACK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], '!' .. ARGV[1], 'PX', ARGV[2])
+end
 return 1
 """
 # KEYS[1] lock; ARGV[1] token: delete the lock if it is ours.
@@ -445,6 +468,8 @@ _LOCK_SCRIPT = _Script(_LOCK)
 _WRITE_SCRIPT = _Script(_WRITE_AND_RELEASE)
 _INVALIDATE_SCRIPT = _Script(_INVALIDATE)
 _RELEASE_SCRIPT = _Script(_RELEASE)
+_RENEW_SCRIPT = _Script(_RENEW)
+_HAND_BACK_SCRIPT = _Script(_HAND_BACK)
 
 
 class Unstorable(TypeError):
@@ -544,7 +569,7 @@ class RedisL2:
             return self.client.evalsha(script.sha, len(keys), *keys, *args)
 
     def read_or_lock(self, skey: str, token: str, lock_ms: int) -> tuple[str, Any]:
-        """``(HIT, value)``, or ``(LOCKED or BUSY, generation)``."""
+        """``(HIT, value)``, or ``(LOCKED, BUSY or PENDING, generation)``."""
         # The hot path of every L1 miss: EVALSHA straight, loading the script
         # only when Redis lost its script cache (NOSCRIPT).
         key = self.key(skey)
@@ -568,7 +593,9 @@ class RedisL2:
                 _log_undecodable(self.alias, key, exc)
                 self.client.delete(key)
                 return self.read_or_lock(skey, token, lock_ms)
-        return (LOCKED if raw[0] == 1 else BUSY), raw[1].decode()
+        if raw[0] == 1:
+            return LOCKED, raw[1].decode()
+        return (PENDING if raw[2][:1] == b"!" else BUSY), raw[1].decode()
 
     def try_lock(self, skey: str, token: str, lock_ms: int) -> str | None:
         """Take the lock: the generation, or None if someone holds it."""
@@ -611,6 +638,18 @@ class RedisL2:
 
     def release(self, skey: str, token: str) -> None:
         self._eval(_RELEASE_SCRIPT, [self.key(skey) + ":lock"], [token])
+
+    def renew(self, skey: str, token: str, lock_ms: int) -> bool:
+        """Extend our lock by ``lock_ms``; False if it is no longer ours."""
+        return bool(
+            self._eval(_RENEW_SCRIPT, [self.key(skey) + ":lock"], [token, lock_ms])
+        )
+
+    def hand_back(self, skey: str, token: str, lock_ms: int) -> str:
+        """Our value waits for a commit: waiters stop waiting (``PENDING``).
+        The token that ``write()`` must then use."""
+        self._eval(_HAND_BACK_SCRIPT, [self.key(skey) + ":lock"], [token, lock_ms])
+        return "!" + token
 
     def get(self, skey: str) -> Any:
         key = self.key(skey)
@@ -773,6 +812,16 @@ class GenericL2:
         # expired in between and was taken by another process may be deleted.
         if self.cache.get(skey + ":lock") == token:
             self.cache.delete(skey + ":lock")
+
+    def hand_back(self, skey: str, token: str, lock_ms: int) -> str:
+        self.release(skey, token)
+        return ""
+
+    def renew(self, skey: str, token: str, lock_ms: int) -> bool:
+        # Not atomic either (see release()).
+        if self.cache.get(skey + ":lock") != token:
+            return False
+        return bool(self.cache.touch(skey + ":lock", max(1, lock_ms // 1000)))
 
     def get(self, skey: str) -> Any:
         try:
@@ -1021,6 +1070,97 @@ class Listener(threading.Thread):
                 self.store.note_invalidated(skey)
 
 
+# --- lock keeper ---------------------------------------------------------------------------------
+
+
+class _Held:
+    """A lock this process holds while it computes the key's value."""
+
+    __slots__ = ("store", "skey", "token", "due")
+
+    def __init__(self, store: Store, skey: str, token: str, due: float) -> None:
+        self.store = store
+        self.skey = skey
+        self.token = token
+        self.due = due
+
+
+class LockKeeper(threading.Thread):
+    """Extends the L2 locks of this process's computations in progress.
+
+    One daemon thread per process: every ``LOCK_TIMEOUT / 3`` it renews each
+    lock held (only if its token is still ours), so a computation slower than
+    ``LOCK_TIMEOUT`` keeps the other processes waiting for it instead of
+    computing too. A crashed process renews nothing: its locks expire within
+    ``LOCK_TIMEOUT``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(name="scalekit-cache-lock-keeper", daemon=True)
+        self.held: dict[int, _Held] = {}
+        self.ids = itertools.count(1)
+        self.wake = threading.Condition()
+
+    def hold(self, store: Store, skey: str, token: str) -> int:
+        """Start renewing ``skey``'s lock; the id to pass to ``drop()``."""
+        due = time.monotonic() + store.lock_ms / 3000
+        with self.wake:
+            ident = next(self.ids)
+            self.held[ident] = _Held(store, skey, token, due)
+            self.wake.notify()
+        return ident
+
+    def drop(self, ident: int) -> None:
+        with self.wake:
+            self.held.pop(ident, None)
+
+    def run(self) -> None:
+        while True:
+            with self.wake:
+                now = time.monotonic()
+                due = [h for h in self.held.values() if h.due <= now]
+                if not due:
+                    soonest = min((h.due for h in self.held.values()), default=None)
+                    self.wake.wait(None if soonest is None else soonest - now)
+                    continue
+                for h in due:
+                    h.due = now + h.store.lock_ms / 3000
+            for h in due:
+                self.renew(h)
+
+    def renew(self, held: _Held) -> None:
+        store = held.store
+        try:
+            kept = store.l2_call(store.l2.renew, held.skey, held.token, store.lock_ms)
+        except Exception:  # never let one failure stop the thread
+            logger.debug("renewing the lock of %s failed", held.skey, exc_info=True)
+            return
+        if kept is False:
+            # Expired (the process stalled) and maybe taken by another
+            # caller: our write will be refused if so (_WRITE_AND_RELEASE).
+            with self.wake:
+                for ident, h in list(self.held.items()):
+                    if h is held:
+                        del self.held[ident]
+
+
+_keeper: LockKeeper | None = None
+_keeper_lock = threading.Lock()
+
+
+def _keeper_hold(store: Store, skey: str, token: str) -> tuple[LockKeeper, int]:
+    """Have this process's lock keeper renew ``skey``'s lock (started on first use)."""
+    global _keeper
+    keeper = _keeper
+    if keeper is None:
+        with _keeper_lock:
+            keeper = _keeper
+            if keeper is None:
+                keeper = _keeper = LockKeeper()
+                keeper.start()
+    return keeper, keeper.hold(store, skey, token)
+
+
 # --- the store: one per (L1, L2) pair -----------------------------------------------------
 
 
@@ -1038,6 +1178,8 @@ class Flight:
 
 
 _COMPUTE_YOURSELF: Any = object()
+#: Store.max_wait in LOCK_TIMEOUTs (30 s by default).
+_MAX_WAIT_LOCKS = 6
 #: Bound of Store.recent (keys invalidated within the primary window).
 _RECENT_MAX = 10_000
 
@@ -1060,6 +1202,9 @@ class Store:
         self.l1_alias = l1_alias
         self.l2_alias = l2_alias
         self.lock_ms = int(cfg.lock_timeout * 1000)
+        #: How long a caller waits for another process's computation while
+        #: its lock is held (renewed), before it computes by itself.
+        self.max_wait = _MAX_WAIT_LOCKS * cfg.lock_timeout
         self.beta = cfg.early_refresh_beta
         self.l1: LocalL1 | DjangoL1 = (
             LocalL1(cfg.l1_max_entries) if l1_alias is None else DjangoL1(l1_alias)
@@ -1327,9 +1472,10 @@ def reset() -> None:
 def _after_fork() -> None:
     # Threads do not survive fork(): a child starts with no listener, no
     # in-flight computations and locks that nobody holds.
-    global _stores_lock, _token_base
+    global _stores_lock, _token_base, _keeper, _keeper_lock
     _stores_lock = threading.Lock()
     _token_base = os.urandom(8).hex()
+    _keeper, _keeper_lock = None, threading.Lock()
     _stores.clear()
     for fn in _functions:
         fn._unbind()
@@ -1522,11 +1668,14 @@ class CachedFunction:
     def refresh(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], strict: bool
     ) -> Any:
-        if not strict and _after_commit(
-            functools.partial(self.refresh_after_commit, args, kwargs)
-        ):
-            # Inside transaction.atomic(): the value may read uncommitted rows
-            # (and be rolled back), so it is stored only after the commit.
+        if not strict and _in_atomic():
+            # The value may read uncommitted rows (and be rolled back), so it
+            # is stored only after the commit: one recomputation then, however
+            # many connections are in atomic() and refresh() calls were made.
+            _AfterCommit(
+                functools.partial(self.refresh_after_commit, args, kwargs),
+                ("refresh", self.fid, self.make_key(args, kwargs)),
+            ).schedule()
             return self.func(*args, **kwargs)
         spec = self.resolve()
         skey = self.make_key(args, kwargs)
@@ -1622,11 +1771,54 @@ def _after_commit(callback: Callable[[], Any]) -> bool:
     timeout. ``robust``: a failing callback does not stop the others.
     """
     aliases = [
-        c.alias for c in connections.all(initialized_only=True) if c.in_atomic_block
+        c.alias for c in connections.all(initialized_only=True) if _in_transaction(c)
     ]
     for alias in aliases:
         transaction.on_commit(callback, using=alias, robust=True)
     return bool(aliases)
+
+
+class _AfterCommit:
+    """A callback run once, after every atomic block of this thread's
+    connections has committed (nothing on a rollback).
+
+    Registered on one connection in ``atomic()``; when that one commits, on
+    the next one still inside ``atomic()``, if any. With a ``key``, a callback
+    of the same key already waiting in the same or an enclosing block is not
+    registered again (``refresh()`` called twice recomputes once).
+    """
+
+    __slots__ = ("callback", "key")
+
+    def __init__(self, callback: Callable[[], Any], key: object = None) -> None:
+        self.callback = callback
+        self.key = key
+
+    def __eq__(self, other: object) -> bool:
+        if self.key is None or not isinstance(other, _AfterCommit):
+            return self is other
+        return self.key == other.key
+
+    def __hash__(self) -> int:
+        return id(self) if self.key is None else hash(self.key)
+
+    def schedule(self) -> bool:
+        """Register on a connection inside atomic(); False if none is."""
+        for conn in connections.all(initialized_only=True):
+            if not _in_transaction(conn):
+                continue
+            if self.key is not None:
+                blocks = set(conn.savepoint_ids)
+                for sids, func, *_ in conn.run_on_commit:
+                    if func == self and sids <= blocks:
+                        return True  # already waiting: rolled back only with us
+            transaction.on_commit(self, using=conn.alias, robust=True)
+            return True
+        return False
+
+    def __call__(self) -> None:
+        if not self.schedule():
+            self.callback()
 
 
 def _l1key(fid: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -1766,15 +1958,22 @@ def _lead(
                 store.fill_l1(l1key, skey, envelope[1], ttl, epoch)
             return envelope[1]
         if kind == BUSY:
+            # The holder renews its lock while it computes; if it crashed, the
+            # lock expires and the next read_or_lock of exactly one waiter
+            # takes it over. Only past max_wait does a waiter compute too.
             if not deadline:
                 LOCK_WAITS.labels(spec.name, "process").inc()
-                deadline = time.monotonic() + store.lock_ms / 1000
+                deadline = time.monotonic() + store.max_wait
             if time.monotonic() < deadline:
                 time.sleep(delay)
                 delay = min(delay * 1.5, 0.05)
                 continue
-            # The holder outlived its lock: compute, and write unless the
-            # key was invalidated since (``envelope`` is the generation).
+            # Still held after max_wait: compute without the lock, and write
+            # unless the key was invalidated since (``envelope`` is the generation).
+            kind, token = LOCKED, ""
+        elif kind == PENDING:
+            # Waiting would serialize callers that are all inside transactions
+            # (ATOMIC_REQUESTS): compute without the lock.
             kind, token = LOCKED, ""
         fn._misses.inc()
         if kind == HIT:  # not our envelope: overwrite it, unless invalidated
@@ -1804,8 +2003,13 @@ def _compute_and_store(
     reason: str,
     stale: tuple[Any, ...] | None = None,
 ) -> Any:
-    """Compute; store unless the key's generation moved past ``gen`` meanwhile."""
+    """Compute; store unless the key's generation moved past ``gen`` meanwhile.
+
+    Inside ``transaction.atomic()`` the value may come from uncommitted rows:
+    it is returned to this caller only (``Uncacheable``: threads waiting for
+    it compute their own) and stored after the commit, not on rollback."""
     store = spec.store
+    keeper, held = _keeper_hold(store, skey, token) if token else (None, 0)
     started = time.perf_counter()
     try:
         if spec.primary or store.needs_primary(skey, gen):
@@ -1814,6 +2018,8 @@ def _compute_and_store(
         else:
             value = compute()
     except BaseException as exc:
+        if keeper is not None:
+            keeper.drop(held)
         if token:
             store.l2_call(store.l2.release, skey, token)
         if stale is not None and isinstance(exc, Exception):
@@ -1821,7 +2027,30 @@ def _compute_and_store(
             logger.warning("early refresh of %s failed", spec.name, exc_info=True)
             return stale[1]
         raise
+    if keeper is not None:
+        keeper.drop(held)
     COMPUTATIONS.labels(spec.name, reason).inc()
+    if not isinstance(value, Uncacheable) and _in_atomic():
+        # Handed back now: holding the lock until the commit could deadlock
+        # (our transaction waiting for a row lock of a transaction waiting for
+        # this lock), and releasing it would let waiters take it one by one.
+        if token:
+            token = store.l2_call(store.l2.hand_back, skey, token, store.lock_ms) or ""
+        if spec.timeout != 0 and reason != "l2_down":
+            _AfterCommit(
+                functools.partial(
+                    _store_committed,
+                    spec,
+                    skey,
+                    l1key,
+                    value,
+                    time.perf_counter() - started,
+                    token,
+                    "?" if gen is None else gen,
+                    epoch,
+                )
+            ).schedule()
+        return Uncacheable(value)
     if isinstance(value, Uncacheable) or spec.timeout == 0:
         # timeout=0, as in Django: not stored (concurrent callers still share
         # this computation).
@@ -1845,6 +2074,50 @@ def _compute_and_store(
             return value
     store.fill_l1(l1key, skey, value, store.l1_ttl(spec, envelope), epoch)
     return value
+
+
+def _in_transaction(conn: Any) -> bool:
+    """Whether ``conn`` is inside an ``atomic()`` that will commit some day.
+
+    The transaction a ``TestCase`` (or pytest-django's ``django_db``) wraps
+    each test in never commits: code under test there behaves as outside any
+    transaction (as Django's ``durable`` check does), or no miss would ever
+    be stored in a test.
+    """
+    return conn.in_atomic_block and any(
+        not getattr(block, "_from_testcase", False) for block in conn.atomic_blocks
+    )
+
+
+def _in_atomic() -> bool:
+    """Whether one of this thread's database connections is inside atomic()."""
+    return any(_in_transaction(c) for c in connections.all(initialized_only=True))
+
+
+def _store_committed(
+    spec: Spec,
+    skey: str,
+    l1key: Any,
+    value: Any,
+    delta: float,
+    token: str,
+    gen: str,
+    epoch: int,
+) -> None:
+    """Store a value computed inside a transaction, now committed, unless the
+    key was invalidated since it was computed (its generation moved) or
+    another caller holds its lock (``token``: our handed-back lock, deleted)."""
+    store = spec.store
+    envelope = _envelope(value, spec.timeout, delta)
+    try:
+        written = store.l2_call(
+            store.l2.write, skey, envelope, spec.timeout, token, gen
+        )
+    except Unstorable as exc:
+        _log_unstorable(spec.name, exc)
+        return
+    if written is not False:
+        store.fill_l1(l1key, skey, value, store.l1_ttl(spec, envelope), epoch)
 
 
 # --- async --------------------------------------------------------------------------------
@@ -1954,13 +2227,15 @@ async def _alead(
             )
             return envelope[1]
         if kind == BUSY:
-            if not deadline:
+            if not deadline:  # as in _lead
                 LOCK_WAITS.labels(spec.name, "process").inc()
-                deadline = time.monotonic() + store.lock_ms / 1000
+                deadline = time.monotonic() + store.max_wait
             if time.monotonic() < deadline:
                 await asyncio.sleep(delay)
                 delay = min(delay * 1.5, 0.05)
                 continue
+            kind, token = LOCKED, ""
+        elif kind == PENDING:
             kind, token = LOCKED, ""
         fn._misses.inc()
         if kind == HIT:
@@ -1992,6 +2267,7 @@ async def _acompute_and_store(
     stale: tuple[Any, ...] | None = None,
 ) -> Any:
     store = spec.store
+    keeper, held = _keeper_hold(store, skey, token) if token else (None, 0)
     started = time.perf_counter()
     try:
         if spec.primary or store.needs_primary(skey, gen):
@@ -2000,6 +2276,8 @@ async def _acompute_and_store(
         else:
             value = await compute()
     except Exception:
+        if keeper is not None:
+            keeper.drop(held)
         if token:
             await _l2_async(store, store.l2.release, skey, token)
         if stale is not None:
@@ -2007,9 +2285,13 @@ async def _acompute_and_store(
             return stale[1]
         raise
     except BaseException:  # cancelled: release without awaiting again
+        if keeper is not None:
+            keeper.drop(held)
         if token:
             _release_soon(store, skey, token)
         raise
+    if keeper is not None:
+        keeper.drop(held)
     COMPUTATIONS.labels(spec.name, reason).inc()
     if isinstance(value, Uncacheable) or spec.timeout == 0:
         if token:

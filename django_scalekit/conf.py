@@ -591,8 +591,9 @@ CACHE_DEFAULTS: dict[str, tuple[object, str]] = {
     "KEY_PREFIX": ("scalekit", "Start of every key this cache writes in L2."),
     "LOCK_TIMEOUT": (
         5.0,
-        "Life of the lock that lets one process compute a missing value; "
-        "also the longest a caller waits for another process's computation.",
+        "Life of the lock that lets one process compute a missing value, "
+        "renewed while it computes: how long a crashed holder delays others; "
+        "callers wait for a live holder up to 6 times this.",
     ),
     "CIRCUIT_RETRY_SECONDS": (
         5.0,
