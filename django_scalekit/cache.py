@@ -1744,12 +1744,18 @@ class CachedFunction:
         self.refresh(args, kwargs, strict=False)
 
     def invalidate_all(self) -> int:
-        deleted = self.invalidate_all_now()
-        _after_commit(self.invalidate_all_now)
-        return deleted
+        return _invalidate_all(self)
 
-    def invalidate_all_now(self) -> int:
-        return _invalidate_prefix(self.resolve(), self.prefix())
+
+def _invalidate_all(owner: CachedFunction | _ViewCache) -> int:
+    """Drop every entry of ``owner`` now, and again on commit (``_after_commit``)."""
+
+    def now() -> int:
+        return _invalidate_prefix(owner.resolve(), owner.prefix())
+
+    deleted = now()
+    _after_commit(now)
+    return deleted
 
 
 def _invalidate_prefix(spec: Spec, prefix: str) -> int:
@@ -2676,12 +2682,7 @@ class _ViewCache:
         spec.store.invalidate([self.url_key(m, url, user) for m in ("GET", "HEAD")])
 
     def invalidate_all(self) -> int:
-        deleted = self.invalidate_all_now()
-        _after_commit(self.invalidate_all_now)
-        return deleted
-
-    def invalidate_all_now(self) -> int:
-        return _invalidate_prefix(self.resolve(), self.prefix())
+        return _invalidate_all(self)
 
 
 def cached_view(

@@ -946,6 +946,15 @@ class ReshardResult:
         return sum(self.differ.values()) + sum(self.missing.values())
 
 
+def _batch_size(function: str, batch_size: int | None, default: int) -> int:
+    """``batch_size``, or the settings' default; a ValueError naming it if bad."""
+    if batch_size is None:
+        return default
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"{function}(batch_size={batch_size!r}): must be an int >= 1")
+    return batch_size
+
+
 def apply_reshard(
     group: str,
     new_map: Sequence[str],
@@ -985,12 +994,7 @@ def apply_reshard(
     throughout.
     """
     sharding = (conf._settings or conf.get()).sharding
-    if batch_size is None:
-        batch_size = sharding.reshard_batch_size
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(
-            f"apply_reshard(batch_size={batch_size!r}): must be an int >= 1"
-        )
+    batch_size = _batch_size("apply_reshard", batch_size, sharding.reshard_batch_size)
     say = progress or (lambda line: None)
     started = time.monotonic()
     result = ReshardResult()
@@ -1075,12 +1079,7 @@ def cleanup_reshard(
     (``retired`` included). Holds :func:`reshard_lock`.
     """
     sharding = (conf._settings or conf.get()).sharding
-    if batch_size is None:
-        batch_size = sharding.reshard_batch_size
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(
-            f"cleanup_reshard(batch_size={batch_size!r}): must be an int >= 1"
-        )
+    batch_size = _batch_size("cleanup_reshard", batch_size, sharding.reshard_batch_size)
     say = progress or (lambda line: None)
     started = time.monotonic()
     result = ReshardResult()
