@@ -90,6 +90,7 @@ def request(
     )
 
 
+@pytest.mark.slow
 def test_interleaved_sync_and_async_requests_do_not_share_routing_state(uvicorn_server):
     port, log = uvicorn_server
     rng = random.Random(1234)

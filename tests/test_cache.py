@@ -142,6 +142,7 @@ def test_invalidate_all(prefix):
     assert cache_worker.computations("square") == 6
 
 
+@pytest.mark.slow
 def test_l1_expires_and_timeout_bounds_l2(prefix):
     calls = []
 
@@ -398,6 +399,7 @@ def test_crashed_lock_holder_blocks_only_until_the_lock_expires(prefix):
     assert cache_worker.computations("square") == 1
 
 
+@pytest.mark.slow
 def test_waiter_computes_itself_after_the_longest_wait(prefix):
     # A lock held for longer than 6 x LOCK_TIMEOUT (a holder still computing
     # and renewing it, or a process with a longer setting): waiters stop
@@ -500,6 +502,7 @@ def slow_lock_callers(prefix, x, processes=2, threads=10, before=None, tasks=0):
     return values, [s for _, s in here] + [o["seconds"] for o in others]
 
 
+@pytest.mark.slow
 def test_function_slower_than_its_lock_is_computed_once(prefix):
     # The holder extends its lock while it computes: the waiters in the other
     # processes keep waiting for it instead of computing at LOCK_TIMEOUT.
@@ -509,6 +512,7 @@ def test_function_slower_than_its_lock_is_computed_once(prefix):
     assert max(seconds) < SLOW_LOCK_SECONDS + 1.5, seconds
 
 
+@pytest.mark.slow
 def test_async_function_slower_than_its_lock_is_computed_once(prefix):
     values, seconds = slow_lock_callers(prefix, 10, tasks=10)
     assert values == [100] * 12
@@ -516,6 +520,7 @@ def test_async_function_slower_than_its_lock_is_computed_once(prefix):
     assert max(seconds) < SLOW_LOCK_SECONDS + 1.5, seconds
 
 
+@pytest.mark.slow
 def test_crashed_holder_delays_waiters_by_about_the_lock_timeout(prefix):
     # A lock left by a crashed process (its token, nobody renewing it) that
     # expires LOCK_TIMEOUT after the callers arrive: exactly one caller then
@@ -895,6 +900,7 @@ def test_interrupted_sync_leader_releases_its_lock(prefix):
     assert redis().exists(lock) == 0
 
 
+@pytest.mark.slow
 def test_invalidate_wins_over_a_computation_outliving_its_lock(prefix):
     state = {"v": "old"}
     with override_settings(
@@ -916,6 +922,7 @@ def test_invalidate_wins_over_a_computation_outliving_its_lock(prefix):
         assert slow() == "new"
 
 
+@pytest.mark.slow
 def test_waiter_past_the_deadline_does_not_write_over_an_invalidate(prefix):
     state = {"v": "old"}
     with override_settings(
@@ -1955,6 +1962,7 @@ def test_lua_scripts_survive_a_redis_restart(prefix, caplog):
     assert caplog.records == []
 
 
+@pytest.mark.slow
 def test_dropped_pubsub_link_bypasses_l1_until_resubscribed(prefix, monkeypatch):
     # Hold the link down for 3 s after it drops, long enough for another
     # process to invalidate while we are not subscribed.

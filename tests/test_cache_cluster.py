@@ -32,6 +32,8 @@ from tests.test_cache import (
     worker,
 )
 
+pytestmark = pytest.mark.slow
+
 PORTS = (7001, 7002, 7003)
 ALIAS = "cache_cluster"
 

@@ -32,6 +32,8 @@ from tests.test_cache import (
     worker,
 )
 
+pytestmark = pytest.mark.slow
+
 SENTINEL_PORT = 26390
 SERVICE = "scalekit"
 ALIAS = "cache_sentinel"

@@ -336,6 +336,7 @@ def probe_flood(n):
     return statuses_seen
 
 
+@pytest.mark.slow
 @pytest.mark.django_db(databases=DATABASES)
 def test_a_flood_of_probes_runs_the_checks_once_per_cache_period():
     _slow_calls.clear()
@@ -467,6 +468,7 @@ def test_hanging_database_fails_within_the_budget(client, hanging_alias):
     assert len(hung) <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.django_db(databases=DATABASES)
 def test_hung_database_check_ends_and_readiness_recovers(client, hanging_alias):
     # The alias's own connect_timeout is 30 s: before, the first check's
@@ -498,6 +500,7 @@ def blocking_check():
         _released.wait(30)
 
 
+@pytest.mark.slow
 def test_check_still_running_after_stale_factor_budgets_is_restarted(client):
     _released.clear()
     _blocking_calls.clear()

@@ -304,6 +304,7 @@ def _get(url, timeout=10):
         return response.read().decode()
 
 
+@pytest.mark.slow
 @needs_prometheus
 @pytest.mark.parametrize("preload", [False, True], ids=["fork-then-import", "preload"])
 def test_gunicorn_workers_are_summed_in_multiprocess_mode(tmp_path, preload):

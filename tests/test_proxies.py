@@ -27,6 +27,8 @@ from django.test import override_settings
 from django_scalekit import cdn
 from tests.conftest import IN_CI, ROOT, require_service, wait_until
 
+pytestmark = pytest.mark.slow
+
 PROXIES = ROOT / "scripts" / "proxies"
 
 

@@ -15,7 +15,7 @@ from django.db import connections, transaction
 from django.http import HttpRequest, HttpResponse
 from django.test import AsyncClient, Client, override_settings
 
-from django_scalekit import routers
+from django_scalekit import metrics, routers
 from django_scalekit.middleware import _PIN_SALT
 from django_scalekit.routers import PrimaryReplicaRouter, routing_scope, use_primary
 from tests.conftest import services, wait_until
@@ -555,6 +555,7 @@ class TestLagAwareness:
         time.sleep(0.5)
         assert routers.replica_lag("replica") > 0.3
 
+    @pytest.mark.slow
     def test_lagging_replica_is_skipped_then_used_again(self, replica_delay, caplog):
         replica_delay(2000)
         settings = {
@@ -576,6 +577,30 @@ class TestLagAwareness:
                     return router.db_for_read(Item) == "replica"
 
             assert wait_until(back_on_replica)
+
+    def test_lag_skip_and_lag_gauge_are_exported(self, replica_delay):
+        from prometheus_client import REGISTRY
+
+        if not metrics.ENABLED:
+            pytest.skip("prometheus_client is not installed")
+        replica_delay(2000)
+        settings = {
+            **SCALEKIT,
+            "REPLICA_MAX_LAG_SECONDS": 0.5,
+            "REPLICA_LAG_CHECK_SECONDS": 0.1,
+        }
+        with override_settings(SCALEKIT=settings):
+            Item.objects.create(name=unique())
+            time.sleep(0.8)
+            routers.flush_implicit_scopes()
+            before = routed("default", "lag-skip")
+            with routing_scope():
+                assert router.db_for_read(Item) == "default"
+            assert routed("default", "lag-skip") - before == 1
+            lag = REGISTRY.get_sample_value(
+                "scalekit_router_replica_lag_seconds", {"alias": "replica"}
+            )
+            assert lag is not None and lag > 0.5
 
 
 # --- Several primary/replica groups (SCALEKIT["GROUPS"]) ---------------------
@@ -608,6 +633,7 @@ class TestGroups:
             assert router.db_for_read(Item) == "replica"
         assert router.db_for_read(Event) == "analytics_replica"
 
+    @pytest.mark.slow
     def test_rows_land_in_the_groups_database(self, replica_delay):
         replica_delay(3000)
         name = unique("event")
@@ -698,6 +724,7 @@ class TestCausalReads:
         name = unique()
         assert name in Client().get("/write-then-read/", {"name": name}).json()["names"]
 
+    @pytest.mark.slow
     def test_next_request_waits_for_the_replica_then_uses_it(self, replica_delay):
         replica_delay(3000)
         name = unique()
@@ -768,6 +795,7 @@ class TestMonotonicReads:
             assert router.db_for_read(Item) == other
 
 
+@pytest.mark.slow
 @pytest.mark.django_db(transaction=True, databases="__all__")
 def test_a_replica_dropping_packets_costs_one_connect_timeout(replica, blackhole):
     settings = {**SCALEKIT, "REPLICAS": {"replica_blackhole": 1000, "replica": 1}}
@@ -874,6 +902,7 @@ class TestMetrics:
         assert REGISTRY.get_sample_value(*gauge) == 0
         assert routed("default", "replica-failover") - before == 1
 
+    @pytest.mark.slow
     def test_queries_outside_any_scope_are_counted(self, replica):
         # A thread of its own (or a management command): no request and no
         # routing_scope() ends its scope.

@@ -715,6 +715,7 @@ else:
 """
 
 
+@pytest.mark.slow
 def test_sqlite_shards_draw_unique_ids_across_concurrent_processes(tmp_path):
     import json
     import sqlite3
