@@ -1788,17 +1788,21 @@ class _AfterCommit:
     """A callback run once, after every atomic block of this thread's
     connections has committed (nothing on a rollback).
 
-    Registered on one connection in ``atomic()``; when that one commits, on
-    the next one still inside ``atomic()``, if any. With a ``key``, a callback
-    of the same key already waiting in the same or an enclosing block is not
-    registered again (``refresh()`` called twice recomputes once).
+    Registered on each connection inside ``atomic()``; it runs when the last
+    of them commits. A connection that rolls back drops its registration, so
+    the callback never runs: a value read from the rows of a transaction that
+    rolled back on one database is not stored because another committed.
+    With a ``key``, a callback of the same key already waiting in the same or
+    an enclosing block is not registered again (``refresh()`` called twice
+    recomputes once).
     """
 
-    __slots__ = ("callback", "key")
+    __slots__ = ("callback", "key", "pending")
 
     def __init__(self, callback: Callable[[], Any], key: object = None) -> None:
         self.callback = callback
         self.key = key
+        self.pending: set[str] = set()
 
     def __eq__(self, other: object) -> bool:
         if self.key is None or not isinstance(other, _AfterCommit):
@@ -1809,22 +1813,46 @@ class _AfterCommit:
         return id(self) if self.key is None else hash(self.key)
 
     def schedule(self) -> bool:
-        """Register on a connection inside atomic(); False if none is."""
-        for conn in connections.all(initialized_only=True):
-            if not _in_transaction(conn):
-                continue
-            if self.key is not None:
-                blocks = set(conn.savepoint_ids)
-                for sids, func, *_ in conn.run_on_commit:
-                    if func == self and sids <= blocks:
-                        return True  # already waiting: rolled back only with us
-            transaction.on_commit(self, using=conn.alias, robust=True)
-            return True
-        return False
+        """Register on every connection inside atomic(); False if none is."""
+        inside = [
+            c for c in connections.all(initialized_only=True) if _in_transaction(c)
+        ]
+        if not inside:
+            return False
+        if self.key is not None:
+            first = inside[0]
+            blocks = set(first.savepoint_ids)
+            for sids, func, *_ in first.run_on_commit:
+                if (
+                    isinstance(func, _Committed)
+                    and func.owner == self
+                    and sids <= blocks
+                ):
+                    return True  # already waiting: rolled back only with us
+        self.pending = {c.alias for c in inside}
+        for conn in inside:
+            transaction.on_commit(
+                _Committed(self, conn.alias), using=conn.alias, robust=True
+            )
+        return True
+
+    def committed(self, alias: str) -> None:
+        self.pending.discard(alias)
+        if not self.pending:
+            self.callback()
+
+
+class _Committed:
+    """One connection's commit of an ``_AfterCommit``."""
+
+    __slots__ = ("alias", "owner")
+
+    def __init__(self, owner: _AfterCommit, alias: str) -> None:
+        self.owner = owner
+        self.alias = alias
 
     def __call__(self) -> None:
-        if not self.schedule():
-            self.callback()
+        self.owner.committed(self.alias)
 
 
 def _l1key(fid: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -665,6 +665,30 @@ def test_the_transaction_a_test_case_wraps_is_not_waited_for(prefix):
     assert redis().exists(l2_key) == 0
 
 
+@pytest.mark.django_db(transaction=True, databases="__all__")
+def test_nothing_is_stored_when_one_of_two_transactions_rolls_back(prefix):
+    from django.db import transaction
+
+    calls = []
+
+    @cached(name="tests.atomic.two_databases")
+    def compute(x):
+        calls.append(x)
+        return x
+
+    l2_key = compute._scalekit.resolve().store.l2.key(compute.key(1))
+    with transaction.atomic(using="default"):
+        with pytest.raises(RuntimeError), transaction.atomic(using="analytics"):
+            assert compute(1) == 1  # may have read the rows rolled back below
+            raise RuntimeError
+    # "default" committed, "analytics" rolled back: nothing stored.
+    assert redis().exists(l2_key) == 0
+    with transaction.atomic(using="default"), transaction.atomic(using="analytics"):
+        assert compute(1) == 1
+    assert redis().exists(l2_key) == 1  # both committed
+    assert calls == [1, 1]
+
+
 @pytest.mark.django_db(transaction=True)
 def test_value_computed_inside_atomic_is_stored_on_commit_only(prefix):
     from django.db import transaction
