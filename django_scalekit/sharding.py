@@ -41,14 +41,14 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from hashlib import blake2b
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from django.apps import apps
 from django.core.exceptions import ImproperlyConfigured, ValidationError
-from django.db import DatabaseError, connections, models, transaction
+from django.db import DatabaseError, Error, connections, models, transaction
 from django.db.migrations.operations.special import RunSQL
 from django.db.models import Count, F, Max, Min, Sum
 
@@ -914,11 +914,11 @@ def reshard_lock(group: str, databases: Iterable[str] | None = None) -> Iterator
         yield
     finally:
         for holder in reversed(held):
-            try:
+            # Each holder on its own: one failing (InterfaceError on a
+            # connection already closed) must not leave the others' locks.
+            with suppress(Error):  # the connection is gone: so is its lock
                 holder.rollback()
-            except DatabaseError:  # the connection is gone: so is its lock
-                pass
-            finally:
+            with suppress(Error):
                 holder.close()
 
 
