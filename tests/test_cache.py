@@ -677,10 +677,13 @@ def test_nothing_is_stored_when_one_of_two_transactions_rolls_back(prefix):
         return x
 
     l2_key = compute._scalekit.resolve().store.l2.key(compute.key(1))
-    with transaction.atomic(using="default"):
-        with pytest.raises(RuntimeError), transaction.atomic(using="analytics"):
-            assert compute(1) == 1  # may have read the rows rolled back below
-            raise RuntimeError
+    with (
+        transaction.atomic(using="default"),
+        pytest.raises(RuntimeError),
+        transaction.atomic(using="analytics"),
+    ):
+        assert compute(1) == 1  # may have read the rows rolled back below
+        raise RuntimeError
     # "default" committed, "analytics" rolled back: nothing stored.
     assert redis().exists(l2_key) == 0
     with transaction.atomic(using="default"), transaction.atomic(using="analytics"):
