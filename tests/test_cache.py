@@ -1141,7 +1141,9 @@ def test_silent_redis_serves_values_and_fails_fast(prefix, silent_redis, caplog)
     # work is a multiplication).
     assert l2_errors(silent_redis) - errors_before == 1
     assert p95(durations) < 0.01, durations
-    assert max(durations) < 0.1, durations
+    # No call waited for the socket timeout (one took 166 ms in a CI run:
+    # the scheduler, not Redis).
+    assert max(durations) < 0.4, durations
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "'cache_silent' is unavailable" in warnings[0].message
