@@ -730,9 +730,16 @@ def test_rolling_restart_behind_haproxy_fails_no_request(
             )
             time.sleep(0.1)
             app.process.send_signal(signal.SIGTERM)
-            time.sleep(0.05)
-            # Readiness turns 503 first; new requests are still served.
-            assert requests.get(app.url + "/health/", timeout=2).status_code == 503
+
+            def draining(app=app):
+                try:
+                    return requests.get(app.url + "/health/", timeout=2).status_code
+                except requests.RequestException:
+                    return None
+
+            # Readiness turns 503 first (once the worker heard of the signal,
+            # well within the 1 s drain); new requests are still served.
+            assert wait_until(lambda: draining() == 503, timeout=0.8)
             assert requests.get(app.url + "/health/live/", timeout=2).status_code == 200
             assert requests.get(app.url + "/page/", timeout=2).status_code == 200
             down = False
