@@ -27,7 +27,9 @@ _PROCESS_LOCAL_CACHES = {
 _FILE_SESSIONS = {
     "django.contrib.sessions.backends.file",
 }
-_SERVER_VENDORS = ("postgresql", "mysql")
+# Substrings of ENGINE: Django's backends and their GIS variants
+# (django.contrib.gis.db.backends.postgis, .mysql).
+_SERVER_VENDORS = ("postgresql", "postgis", "mysql")
 
 
 def _message(problem: conf.Problem) -> CheckMessage:
@@ -56,6 +58,19 @@ def _all_replicas(cfg: conf.Settings) -> list[str]:
     return list(_primaries(cfg))
 
 
+def _mirrored(alias: str) -> str:
+    """The database ``alias`` is tested as: its TEST MIRROR, followed through
+    mirrors of mirrors (a loop or an unknown alias ends the walk)."""
+    seen = {alias}
+    while True:
+        test = settings.DATABASES.get(alias, {}).get("TEST") or {}
+        mirror = test.get("MIRROR") if isinstance(test, Mapping) else None
+        if not mirror or mirror in seen or mirror not in settings.DATABASES:
+            return str(mirror) if mirror and mirror not in seen else alias
+        seen.add(mirror)
+        alias = mirror
+
+
 def _engine(alias: str) -> str:
     return str(settings.DATABASES.get(alias, {}).get("ENGINE", ""))
 
@@ -72,12 +87,16 @@ def check_replica_router(
     ]
     router_on = ROUTER_PATH in routers
     any_replicas = bool(_primaries(cfg))
-    if router_on and not any_replicas:
+    # With errors in SCALEKIT (replicas given but invalid: E004-E007),
+    # check_settings says what is wrong; "empty" would contradict it.
+    settings_ok = not any(p.level == "error" for p in cfg.problems)
+    if router_on and not any_replicas and settings_ok:
         messages.append(
             Warning(
                 f'{ROUTER_PATH} is in DATABASE_ROUTERS but SCALEKIT["REPLICAS"] is '
                 "empty, so every read goes to the primary.",
-                hint='Set SCALEKIT["REPLICAS"] = ["replica"] to the aliases of your replicas.',
+                hint='Set SCALEKIT["REPLICAS"] to the aliases of your replicas, e.g. '
+                '["replica"], or remove the router from DATABASE_ROUTERS.',
                 id="scalekit.W002",
             )
         )
@@ -192,10 +211,15 @@ def check_scaling_readiness(
     default_cache = getattr(settings, "CACHES", {}).get("default", {})
     backend = default_cache.get("BACKEND", "")
     if backend and _backend_is(backend, _PROCESS_LOCAL_CACHES):
+        kept = (
+            "which stores nothing: every process recomputes everything"
+            if _backend_is(backend, {"django.core.cache.backends.dummy.DummyCache"})
+            else "which each process keeps for itself: processes disagree and "
+            "invalidations do not spread"
+        )
         messages.append(
             Warning(
-                f'CACHES["default"] uses {backend!r}, which each process keeps for '
-                "itself: processes disagree and invalidations do not spread.",
+                f'CACHES["default"] uses {backend!r}, {kept}.',
                 hint='Use a shared cache such as "django_redis.cache.RedisCache" or '
                 '"django.core.cache.backends.redis.RedisCache".',
                 id="scalekit.W021",
@@ -227,16 +251,28 @@ def check_scaling_readiness(
             )
         )
     cfg = conf.build()
-    for alias in _all_replicas(cfg):
+    for alias, primary in _primaries(cfg).items():
         test = cast(dict[str, Any], settings.DATABASES[alias].get("TEST", {}))
-        if not test.get("MIRROR"):
+        mirror = test.get("MIRROR")
+        # Tests write to the database the primary mirrors (itself if none).
+        target = _mirrored(primary)
+        if mirror and _mirrored(alias) != target:
+            messages.append(
+                Warning(
+                    f'Replica DATABASES[{alias!r}] has "TEST": {{"MIRROR": {mirror!r}}}, '
+                    f"but its primary {primary!r} is tested as {target!r}: tests would "
+                    "read from a database their writes never reach.",
+                    hint=f'Set DATABASES[{alias!r}]["TEST"] = {{"MIRROR": {target!r}}}.',
+                    id="scalekit.W025",
+                )
+            )
+        if not mirror:
             messages.append(
                 Warning(
                     f'Replica DATABASES[{alias!r}] has no "TEST": {{"MIRROR": ...}}: '
                     "the test runner creates a separate, empty test database for it, so "
                     "tests read from a database their writes never reach.",
-                    hint=f'Set DATABASES[{alias!r}]["TEST"] = '
-                    f'{{"MIRROR": {_primaries(cfg)[alias]!r}}}.',
+                    hint=f'Set DATABASES[{alias!r}]["TEST"] = {{"MIRROR": {primary!r}}}.',
                     id="scalekit.W024",
                 )
             )

@@ -41,6 +41,23 @@ def test_router_without_replicas():
     assert ids(checks.check_replica_router()) == ["scalekit.W002"]
 
 
+@pytest.mark.parametrize(
+    "replicas", [{"replica": 0}, ["replcia"], "replica"], ids=["E006", "E005", "E004"]
+)
+def test_invalid_replicas_are_not_called_empty(replicas):
+    # The settings check says what is wrong with them; W002 would contradict it.
+    with override_settings(SCALEKIT={"REPLICAS": replicas}):
+        assert checks.check_settings()
+        assert "scalekit.W002" not in ids(checks.check_replica_router())
+
+
+def test_groups_without_any_replica():
+    groups = {"analytics": {"PRIMARY": "analytics", "APPS": ["auth"]}}
+    with override_settings(SCALEKIT={"REPLICAS": [], "GROUPS": groups}):
+        assert checks.check_settings() == []
+        assert ids(checks.check_replica_router()) == ["scalekit.W002"]
+
+
 @override_settings(DATABASE_ROUTERS=[])
 def test_replicas_without_router():
     assert ids(checks.check_replica_router()) == ["scalekit.W003"]
@@ -117,6 +134,68 @@ def test_scaling_readiness_warnings():
         "scalekit.W024",
     ]
     assert "'replica_b'" in messages[2].msg
+
+
+@pytest.mark.parametrize("mirror", ["replica", "nope"])
+def test_replica_mirroring_something_else_than_its_primary(mirror):
+    dbs = {
+        alias: {**db, "CONN_MAX_AGE": 60} for alias, db in settings.DATABASES.items()
+    }
+    dbs["replica"]["TEST"] = {"MIRROR": mirror}
+    with override_settings(DATABASES=dbs):
+        messages = checks.check_scaling_readiness()
+    assert ids(messages) == ["scalekit.W025"]
+    assert f"{mirror!r}}}, but its primary 'default' is tested as" in messages[0].msg
+    assert (
+        messages[0].hint
+        == "Set DATABASES['replica'][\"TEST\"] = {\"MIRROR\": 'default'}."
+    )
+
+
+def test_a_replica_may_mirror_what_its_primary_mirrors():
+    # Every database tested as "default": tests read their own writes.
+    dbs = {
+        alias: {**db, "CONN_MAX_AGE": 60} for alias, db in settings.DATABASES.items()
+    }
+    dbs["analytics"] = {**dbs["analytics"], "TEST": {"MIRROR": "default"}}
+    dbs["analytics_replica"] = {
+        **dbs["analytics_replica"],
+        "TEST": {"MIRROR": "default"},
+    }
+    with override_settings(DATABASES=dbs):
+        assert checks.check_scaling_readiness() == []
+        dbs["analytics_replica"]["TEST"] = {"MIRROR": "analytics"}  # a chain
+        assert checks.check_scaling_readiness() == []
+        dbs["analytics_replica"]["TEST"] = {"MIRROR": "analytics_replica"}
+        (message,) = checks.check_scaling_readiness()
+    assert message.id == "scalekit.W025"
+    assert message.hint == (
+        "Set DATABASES['analytics_replica'][\"TEST\"] = {\"MIRROR\": 'default'}."
+    )
+
+
+def test_conn_max_age_on_postgis():
+    dbs = {
+        alias: {**db, "CONN_MAX_AGE": 60} for alias, db in settings.DATABASES.items()
+    }
+    dbs["analytics"] = {
+        **dbs["analytics"],
+        "ENGINE": "django.contrib.gis.db.backends.postgis",
+        "CONN_MAX_AGE": 0,
+    }
+    with override_settings(DATABASES=dbs):
+        messages = checks.check_scaling_readiness()
+    assert ids(messages) == ["scalekit.W022"]
+    assert "'analytics'" in messages[0].msg
+
+
+def test_dummy_default_cache_is_said_to_store_nothing():
+    backend = "django.core.cache.backends.dummy.DummyCache"
+    with override_settings(CACHES={"default": {"BACKEND": backend}}):
+        (message,) = [
+            m for m in checks.check_scaling_readiness() if m.id == "scalekit.W021"
+        ]
+    assert "stores nothing" in message.msg
 
 
 @pytest.mark.parametrize(
