@@ -1943,6 +1943,15 @@ def _obtain(
         # the waiting threads compute for themselves.
         store.end_flight(skey, flight, _COMPUTE_YOURSELF)
         raise
+    return _land(store, skey, flight, result)
+
+
+def _land(store: Store, skey: str, flight: Flight, result: Any) -> Any:
+    """Hand the leader's ``result`` to the threads and tasks waiting on
+    ``flight``; return what the leader's caller gets.
+
+    A value only this caller may see (``Uncacheable``: computed inside a
+    transaction) sends the waiters to compute their own."""
     if isinstance(result, Uncacheable):
         store.end_flight(skey, flight, _COMPUTE_YOURSELF)
         return result.value
@@ -2212,11 +2221,7 @@ async def _aobtain(
         # so they compute for themselves rather than getting CancelledError.
         store.end_flight(skey, flight, _COMPUTE_YOURSELF)
         raise
-    if isinstance(result, Uncacheable):
-        store.end_flight(skey, flight, _COMPUTE_YOURSELF)
-        return result.value
-    store.end_flight(skey, flight, result)
-    return result
+    return _land(store, skey, flight, result)
 
 
 async def _alead(
