@@ -27,6 +27,7 @@ import multidb
 import pytest
 from django.apps import apps
 from django.conf import settings
+from django.db.utils import ConnectionRouter
 from django.test import override_settings
 from multidb import pinning
 
@@ -147,6 +148,37 @@ def test_new_request_scalekit(benchmark):
 @pytest.mark.benchmark(group="4 new request: first db_for_read")
 def test_new_request_multidb(benchmark):
     assert benchmark(new_request_multidb) == "replica"
+
+
+# --- 6. Through django.db.router, as the ORM calls them ------------------------
+
+# ConnectionRouter loops over DATABASE_ROUTERS and passes the hints on: what a
+# query pays in all, of which the router's own decision is one part.
+VIA_SCALEKIT = ConnectionRouter([SCALEKIT])
+VIA_MULTIDB = ConnectionRouter([MULTIDB])
+
+
+@pytest.mark.benchmark(group="6 django.db.router: steady read")
+def test_orm_read_scalekit(benchmark):
+    with routers.routing_scope():
+        assert VIA_SCALEKIT.db_for_read(MODEL) == "replica"
+        assert benchmark(VIA_SCALEKIT.db_for_read, MODEL) == "replica"
+
+
+@pytest.mark.benchmark(group="6 django.db.router: steady read")
+def test_orm_read_multidb(benchmark):
+    assert benchmark(VIA_MULTIDB.db_for_read, MODEL) == "replica"
+
+
+@pytest.mark.benchmark(group="7 django.db.router: db_for_write")
+def test_orm_write_scalekit(benchmark):
+    with routers.routing_scope():
+        assert benchmark(VIA_SCALEKIT.db_for_write, MODEL) == "default"
+
+
+@pytest.mark.benchmark(group="7 django.db.router: db_for_write")
+def test_orm_write_multidb(benchmark):
+    assert benchmark(VIA_MULTIDB.db_for_write, MODEL) == "default"
 
 
 # --- The floor ----------------------------------------------------------------

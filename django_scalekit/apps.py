@@ -47,3 +47,19 @@ class ScalekitConfig(AppConfig):
         setting_changed.connect(on_cache_setting_changed, weak=False)
         request_started.connect(routers._reset_scope_on_request_started, weak=False)
         request_finished.connect(routers._flush_scope_on_request_finished, weak=False)
+
+        try:  # optional: each Celery task gets a scope of its own
+            from celery import signals as celery_signals
+        except ImportError:
+            pass
+        else:
+            celery_signals.task_prerun.connect(
+                routers._begin_scope_on_task_prerun,
+                weak=False,
+                dispatch_uid="django_scalekit.task_prerun",
+            )
+            celery_signals.task_postrun.connect(
+                routers._end_scope_on_task_postrun,
+                weak=False,
+                dispatch_uid="django_scalekit.task_postrun",
+            )

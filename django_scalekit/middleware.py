@@ -14,8 +14,6 @@ from asgiref.sync import (
     markcoroutinefunction,
     sync_to_async,
 )
-from django.conf import settings
-from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponseBase
 
 from django_scalekit import cdn, conf, health, routers
@@ -23,7 +21,6 @@ from django_scalekit import cdn, conf, health, routers
 logger = logging.getLogger("django_scalekit.routers")
 
 _UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-_RETRYABLE_METHODS = frozenset({"GET", "HEAD"})
 _PIN_SALT = "django_scalekit.pinning"
 
 
@@ -107,22 +104,10 @@ class PinningMiddleware(_Middleware):
         another replica at least as far along, or from the primary
         (``SCALEKIT["RETRY_ON_REPLICA_FAILURE"]``).
         """
-        if not isinstance(exception, (OperationalError, InterfaceError)):
-            return None
         match = request.resolver_match
-        if (
-            request.method not in _RETRYABLE_METHODS
-            or match is None
-            or getattr(request, "_scalekit_retried", False)
-            or not conf.get().retry_on_replica_failure
-            # The handler wraps such views in atomic(); a second run here would not be.
-            or any(db.get("ATOMIC_REQUESTS") for db in settings.DATABASES.values())
-        ):
+        if match is None or getattr(request, "_scalekit_retried", False):
             return None
-        scope = routers.current_scope()
-        if scope.wrote or _changed_request_state(request):
-            return None
-        failed = routers.fail_over(scope)
+        failed = routers.fail_over_request(request, exception)
         if not failed:
             return None
         request._scalekit_retried = True  # type: ignore[attr-defined]
@@ -240,16 +225,6 @@ class HealthCheckMiddleware(_Middleware):
             # The checks block (threads, a deadline): keep them off the loop.
             return await sync_to_async(view, thread_sensitive=False)(request)
         return await self.get_response(request)  # type: ignore[misc, no-any-return]
-
-
-def _changed_request_state(request: HttpRequest) -> bool:
-    """Whether the view changed what a second run would change again: the
-    session, or messages queued for the user."""
-    session = getattr(request, "session", None)
-    if session is not None and getattr(session, "modified", False):
-        return True
-    messages = getattr(request, "_messages", None)
-    return bool(getattr(messages, "_queued_messages", None))
 
 
 async def _awaited(awaitable: Awaitable[Any]) -> Any:

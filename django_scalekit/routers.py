@@ -25,19 +25,25 @@ import threading
 import time
 import weakref
 from asyncio import _get_running_loop
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from contextvars import ContextVar, Token
 from threading import get_ident
 from types import TracebackType
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
-from django.db import DatabaseError, connections
+from django.apps import apps as django_apps
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.db import DatabaseError, InterfaceError, OperationalError, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Model
 
 from django_scalekit import conf, metrics
+
+if TYPE_CHECKING:
+    from django.http import HttpRequest
 
 logger = logging.getLogger("django_scalekit.routers")
 
@@ -54,6 +60,10 @@ _QUERIES = metrics.counter(
     "Queries routed, by database alias and reason.",
     ["alias", "reason"],
 )
+# (alias, reason) -> _QUERIES.labels(alias, reason): a labels() lookup
+# costs three times the inc(), once per label pair and scope. Bounded:
+# aliases times reasons.
+_QUERY_CHILDREN: dict[tuple[str, str], Any] = {}
 _OUT_OF_ROTATION = metrics.gauge(
     "router_replica_out_of_rotation",
     "1 while a replica is out of rotation (down) in a process, else 0.",
@@ -68,6 +78,9 @@ _LAG = metrics.gauge(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+_NO_CONNECTION: tuple[conf.Settings | None, int, Any] = (None, 0, None)
 
 
 class _GroupState:
@@ -102,7 +115,7 @@ class _GroupState:
         # looked up for (a scope can be shared with worker threads).
         # Stored as one tuple (settings, thread id, wrapper) so that threads
         # sharing a scope never read one thread's id with another's wrapper.
-        self._conn: tuple[conf.Settings | None, int, Any] = (None, 0, None)
+        self._conn: tuple[conf.Settings | None, int, Any] = _NO_CONNECTION
 
     def primary_connection(self, cfg: conf.Settings, alias: str) -> BaseDatabaseWrapper:
         """The primary's connection in this thread, looked up once per scope."""
@@ -122,27 +135,38 @@ class Scope(_GroupState):
         "_cookie_lsns",
         "_groups",
         "fast",
+        "forced",
         "n_pinned",
         "n_read",
         "n_transaction",
         "n_write",
         "pinned_all",
         "tally",
+        "write_to",
         "wrote",
     )
 
     def __init__(
         self, pinned: bool = False, lsns: dict[str, int] | None = None
     ) -> None:
-        lsns = lsns or {}
-        super().__init__(pinned, lsns.get(conf.DEFAULT_GROUP, 0))
+        # _GroupState.__init__(self, pinned, min_lsn), inlined: every
+        # request creates a scope.
+        min_lsn = lsns.get(conf.DEFAULT_GROUP, 0) if lsns else 0
+        self.pinned = pinned
+        self.replica = None
+        self.min_lsn = min_lsn
+        self.rechecked_lsn = 0
+        self.lsn_pending = False
+        self.causal = min_lsn > 0
+        self.primary_alias = ""
+        self._conn = _NO_CONNECTION
         #: Every group reads from its primary (a pinning cookie came with the request).
         self.pinned_all = pinned
         #: A write was routed in this scope (the pinning cookie is then set).
         self.wrote = False
         self._groups: dict[str, _GroupState] | None = None
         # Positions each group must have replayed, from the pinning cookie.
-        self._cookie_lsns = lsns
+        self._cookie_lsns = lsns or {}
         #: (alias, reason) -> queries routed in this scope, counted here and
         #: added to the Prometheus counter when the scope ends (one labelled
         #: increment per query would cost more than the routing decision).
@@ -158,9 +182,18 @@ class Scope(_GroupState):
         #: of the default group go to ``replica`` with nothing else to decide:
         #: db_for_read's fast path. Anything that changes the decision (a
         #: write, a failover, a settings change) sets it back to None.
-        #: The fourth item is _STEADY, _PINNED, or _WROTE (pinned by a write
-        #: of this scope: db_for_write then has nothing to record).
+        #: The fourth item is a _STEADY state (plus _COUNTED with routing
+        #: metrics, plus _CHECK_FORCED once ``forced``), _PINNED, or _WROTE
+        #: (pinned by a write of this scope: db_for_write then has nothing
+        #: to record).
         self.fast: tuple[int, Any, str, int] | None = None
+        #: A use_primary() block was open in a context that sees this scope.
+        #: Its fast path then asks ``_forced`` on every read: a context
+        #: copied inside the block (a task, a thread) stays forced after it.
+        self.forced = _forced.get()
+        #: db_for_write's fast path: the primary, once this scope's write is
+        #: recorded and later writes have nothing to record or count.
+        self.write_to: str | None = None
 
     def retire_reads(self) -> None:
         """Move the reads counted for the current replica into the tally
@@ -188,8 +221,11 @@ class Scope(_GroupState):
         self.n_pinned = self.n_transaction = self.n_write = 0
         # A copy taken at once (under the GIL): a thread of this scope may
         # still count into the old dict while we add it up.
-        for (alias, reason), count in list(tally.items()):
-            _QUERIES.labels(alias, reason).inc(count)
+        for key, count in list(tally.items()):
+            child = _QUERY_CHILDREN.get(key)
+            if child is None:
+                child = _QUERY_CHILDREN[key] = _QUERIES.labels(*key)
+            child.inc(count)
 
     def group(self, name: str) -> _GroupState:
         """The state of group ``name`` (``conf.DEFAULT_GROUP``: the scope itself)."""
@@ -225,11 +261,25 @@ class _NoTransaction:
 
 
 _NO_TRANSACTION = _NoTransaction()
-# Scope.fast states.
-_STEADY, _PINNED, _WROTE = 0, 1, 2
+# Scope.fast states: below _PINNED, the replica read of a steady scope, with
+# flags for counting it and for asking use_primary()'s variable first.
+_STEADY, _COUNTED, _CHECK_FORCED, _PINNED, _WROTE = 0, 1, 2, 4, 5
 
 _scope: ContextVar[Scope | None] = ContextVar("scalekit_scope", default=None)
+_get_scope = _scope.get  # one attribute lookup less per query
 _forced: ContextVar[bool] = ContextVar("scalekit_forced", default=False)
+
+
+def _force() -> Token[bool]:
+    """Enter a use_primary() block in the running context."""
+    token = _forced.set(True)
+    scope = _scope.get()
+    if scope is not None:
+        # Before clearing the fast path: a thread sharing the scope that
+        # sets it meanwhile sees the flag when it checks again.
+        scope.forced = True
+        scope.fast = None
+    return token
 
 
 def current_scope() -> Scope:
@@ -327,11 +377,12 @@ def end_scope(token: Token[Scope | None]) -> None:
 
 
 class routing_scope:
-    """Run a block as its own scope, e.g. one task of a worker process.
+    """Run a block as its own scope, e.g. one job of a worker process.
 
-    Requests get a scope from ``PinningMiddleware`` (and ``request_started``);
-    use this in long-running workers so that one task's writes do not pin the
-    next task's reads to the primary. (A class, not ``@contextmanager``: it
+    Requests get a scope from ``PinningMiddleware`` (and ``request_started``),
+    Celery tasks from their task signals; use this in other long-running
+    workers (RQ, a loop of your own) so that one job's writes do not pin the
+    next job's reads to the primary. (A class, not ``@contextmanager``: it
     costs half as much.)
     """
 
@@ -405,6 +456,41 @@ def _flush_scope_on_request_finished(**kwargs: object) -> None:
         scope.flush()
 
 
+# Where a Celery task's scope token is kept: on the task's request, which
+# Celery pushes before task_prerun and pops after task_postrun, per thread.
+_TASK_TOKEN = "_scalekit_scope_token"
+
+
+def _begin_scope_on_task_prerun(task: Any = None, **kwargs: object) -> None:
+    """Give each Celery task a fresh scope (``celery.signals.task_prerun``).
+
+    An eager task (``apply()``, ``task_always_eager``) runs inside its caller,
+    like a function call: it shares the caller's scope, so that each sees the
+    other's writes.
+    """
+    request = getattr(task, "request", None)
+    if request is None or getattr(request, "is_eager", False):
+        return
+    setattr(request, _TASK_TOKEN, begin_scope())
+
+
+def _end_scope_on_task_postrun(task: Any = None, **kwargs: object) -> None:
+    """End the task's scope and count its queries (``task_postrun``, sent
+    whether the task succeeded or raised)."""
+    request = getattr(task, "request", None)
+    token: Token[Scope | None] | None = getattr(request, _TASK_TOKEN, None)
+    if token is None:
+        return
+    delattr(request, _TASK_TOKEN)
+    try:
+        end_scope(token)
+    except (ValueError, RuntimeError) as exc:
+        # The token belongs to another context, or was used already: never
+        # fail the task for it; the next query starts a scope of its own.
+        logger.debug("Could not reset the scope of task %r: %s", task, exc)
+        _scope.set(None)
+
+
 class use_primary:
     """Force reads to the primary: ``with use_primary():`` or ``@use_primary``.
 
@@ -421,7 +507,7 @@ class use_primary:
                 markcoroutinefunction(self)
 
     def __enter__(self) -> None:
-        self._tokens.append(_forced.set(True))
+        self._tokens.append(_force())
 
     def __exit__(
         self,
@@ -455,7 +541,7 @@ class use_primary:
         func = self._func
         if iscoroutinefunction(func):
             return _call_async_forced(func, args, kwargs)
-        token = _forced.set(True)
+        token = _force()
         try:
             return func(*args, **kwargs)
         finally:
@@ -471,7 +557,7 @@ class use_primary:
 async def _call_async_forced(
     func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
-    token = _forced.set(True)
+    token = _force()
     try:
         return await func(*args, **kwargs)
     finally:
@@ -551,6 +637,7 @@ def reset_replica_state() -> None:
     scope = _scope.get()
     if scope is not None:
         scope.fast = None
+        scope.write_to = None
 
 
 def fail_over(scope: Scope) -> list[str]:
@@ -583,6 +670,42 @@ def fail_over(scope: Scope) -> list[str]:
     if failed:
         scope.fast = None
     return failed
+
+
+_RETRYABLE_METHODS = frozenset({"GET", "HEAD"})
+
+
+def fail_over_request(request: HttpRequest, exception: Exception) -> list[str]:
+    """Fail over for a request whose view raised ``exception``; return the
+    replicas taken out, when the view may run once more, else ``[]``.
+
+    A query already running on a replica that goes away fails with it. A
+    GET or HEAD that wrote nothing, changed no session and queued no message
+    can run again: its second run reads from a replica at least as far
+    along, or from the primary (``SCALEKIT["RETRY_ON_REPLICA_FAILURE"]``).
+    """
+    if (
+        not isinstance(exception, (OperationalError, InterfaceError))
+        or request.method not in _RETRYABLE_METHODS
+        or not conf.get().retry_on_replica_failure
+        # The handler wraps such views in atomic(); a second run would not be.
+        or any(db.get("ATOMIC_REQUESTS") for db in settings.DATABASES.values())
+    ):
+        return []
+    scope = current_scope()
+    if scope.wrote or _changed_request_state(request):
+        return []
+    return fail_over(scope)
+
+
+def _changed_request_state(request: HttpRequest) -> bool:
+    """Whether the view changed what a second run would change again: the
+    session, or messages queued for the user."""
+    session = getattr(request, "session", None)
+    if session is not None and getattr(session, "modified", False):
+        return True
+    messages = getattr(request, "_messages", None)
+    return bool(getattr(messages, "_queued_messages", None))
 
 
 def mark_down(alias: str, seconds: float | None = None, reason: str = "") -> None:
@@ -798,8 +921,9 @@ def choose_replica(
     With ``need``, only a replica whose replay position (sampled, or measured
     now with ``fresh``) has reached that WAL position is usable.
     """
-    aliases = list(group.replicas)
-    weights = list(group.weights)
+    # The group's own sequences: copied only when a replica is passed over.
+    aliases: Sequence[str] = group.replicas
+    weights: Sequence[float] = group.weights
     cum_weights: tuple[float, ...] | None = group.cum_weights
     while aliases:
         if len(aliases) == 1:
@@ -816,7 +940,8 @@ def choose_replica(
             and (not need or _position(alias, cfg, fresh) >= need)
         ):
             return alias
-        del aliases[index], weights[index]
+        aliases = [*aliases[:index], *aliases[index + 1 :]]
+        weights = [*weights[:index], *weights[index + 1 :]]
         cum_weights = None
     return None
 
@@ -956,34 +1081,55 @@ def group_of(model: type[Model], cfg: conf.Settings) -> conf.ReplicaGroup:
     )
 
 
+def require_app(router: str) -> None:
+    """Refuse to route without the app: its checks and its request signals
+    (which end each request's scope) are registered in ``ready()``."""
+    if django_apps.apps_ready and not django_apps.is_installed("django_scalekit"):
+        raise ImproperlyConfigured(
+            f'{router} needs "django_scalekit" in INSTALLED_APPS: the system '
+            "checks of its settings and the signals that end each request's "
+            "routing scope are set up there."
+        )
+
+
 class PrimaryReplicaRouter:
     """Writes and migrations to the primary, reads to replicas, read-your-writes."""
+
+    def __init__(self) -> None:
+        require_app(type(self).__name__)
 
     # db_for_read and db_for_write run before every query: they only look up
     # prepared state (see benchmarks/bench_router.py).
 
     def db_for_read(self, model: type[Model], **hints: Any) -> str | None:
-        scope = _scope.get()
+        scope = _get_scope()
         if scope is not None:
-            # The steady state of a request: same thread, same replica, not in
-            # an atomic block, no use_primary(), no replica newly down.
             fast = scope.fast
             if fast is not None:
                 thread, primary, alias, state = fast
-                if state:
+                if state >= _PINNED:
                     # Pinned: the primary, whatever the thread or transaction.
                     if scope.tally is not None:
                         scope.n_pinned += 1
                     return alias
+                # The steady state of a request: same thread, same replica,
+                # not in an atomic block, no replica newly down, no
+                # use_primary() (never opened where this scope is seen, or
+                # not in force here).
                 if (
                     thread == get_ident()
                     and not primary.in_atomic_block
                     and not _down_until
-                    and not _forced.get()
                 ):
-                    if scope.tally is not None:
+                    if not state:  # _STEADY: nothing to count or ask
+                        return alias
+                    if state is _COUNTED:
                         scope.n_read += 1
-                    return alias
+                        return alias
+                    if not _forced.get():  # _CHECK_FORCED, maybe _COUNTED
+                        if state & _COUNTED:
+                            scope.n_read += 1
+                        return alias
         return self._read_slow(model, scope or current_scope())
 
     def _read_slow(self, model: type[Model], scope: Scope) -> str:
@@ -1006,6 +1152,7 @@ class PrimaryReplicaRouter:
             scope.n_pinned += 1
             return cfg.primary
         if _forced.get():
+            scope.forced = True  # a context copied from one that is forced
             scope.n_pinned += 1
             return cfg.primary
         if not cfg.replicas:
@@ -1031,16 +1178,27 @@ class PrimaryReplicaRouter:
         if scope._conn[2] is primary and not scope.causal and not scope.pinned:
             # The primary's connection is cached for this thread (not an event
             # loop): later reads may take the fast path.
-            scope.fast = (ident, primary, replica, _STEADY)
-            if scope.pinned or scope.causal:
-                # A thread sharing the scope wrote meanwhile.
+            forced = scope.forced
+            scope.fast = (
+                ident,
+                primary,
+                replica,
+                (_STEADY if scope.tally is None else _COUNTED)
+                | (_CHECK_FORCED if forced else _STEADY),
+            )
+            if scope.pinned or scope.causal or scope.forced is not forced:
+                # A thread sharing the scope wrote or entered use_primary()
+                # meanwhile.
                 scope.fast = None
         scope.n_read += 1
         return replica
 
     def db_for_write(self, model: type[Model], **hints: Any) -> str | None:
-        scope = _scope.get()
+        scope = _get_scope()
         if scope is not None:
+            alias = scope.write_to
+            if alias is not None:
+                return alias
             fast = scope.fast
             if fast is not None and fast[3] is _WROTE:
                 if scope.tally is not None:
@@ -1056,6 +1214,8 @@ class PrimaryReplicaRouter:
             scope.fast = (0, _NO_TRANSACTION, cfg.primary, _WROTE)
             if scope.tally is not None:
                 scope.n_write += 1
+            else:
+                scope.write_to = cfg.primary
             return cfg.primary
         if cfg.groups:
             group = group_of(model, cfg)

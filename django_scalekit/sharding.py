@@ -565,6 +565,9 @@ class ShardRouter:
     # db_for_read and db_for_write run before every query of every model:
     # unsharded models cost one getattr (see benchmarks/bench_sharding.py).
 
+    def __init__(self) -> None:
+        routers.require_app(type(self).__name__)
+
     def db_for_read(self, model: type[Model], **hints: Any) -> str | None:
         name = getattr(model, "shard_group", None)
         if name is None:

@@ -10,6 +10,8 @@ from unittest import mock
 
 import pytest
 from asgiref.sync import async_to_sync
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import request_started
 from django.db import connections, transaction
 from django.http import HttpRequest, HttpResponse
@@ -17,7 +19,12 @@ from django.test import AsyncClient, Client, override_settings
 
 from django_scalekit import metrics, routers
 from django_scalekit.middleware import _PIN_SALT
-from django_scalekit.routers import PrimaryReplicaRouter, routing_scope, use_primary
+from django_scalekit.routers import (
+    PrimaryReplicaRouter,
+    ShardRouter,
+    routing_scope,
+    use_primary,
+)
 from tests.conftest import services, wait_until
 from tests.testapp.models import Event, Item
 
@@ -228,6 +235,82 @@ class TestSteadyState:
         with use_primary():
             assert router.db_for_read(Item) == "default"
         assert router.db_for_read(Item) == "replica"
+
+    def test_use_primary_in_another_thread_leaves_this_scope_alone(self, steady):
+        # A thread of its own starts with an empty context: its block marks
+        # its own scope, and this one keeps its fast path.
+        entered, release = threading.Event(), threading.Event()
+
+        def hold():
+            with use_primary():
+                assert router.db_for_read(Item) == "default"
+                entered.set()
+                release.wait(10)
+            connections.close_all()
+
+        thread = threading.Thread(target=hold)
+        thread.start()
+        try:
+            assert entered.wait(10)
+            assert router.db_for_read(Item) == "replica"
+            assert not steady.forced
+        finally:
+            release.set()
+            thread.join()
+
+    def test_a_context_copied_inside_use_primary_stays_forced(self, steady):
+        # e.g. asyncio.create_task() or copy_context() inside the block: the
+        # copy shares the scope and keeps use_primary() after the block ends,
+        # while this context's reads set the fast path again.
+        with use_primary():
+            copied = contextvars.copy_context()
+        assert router.db_for_read(Item) == "replica"
+        assert router.db_for_read(Item) == "replica"
+        assert steady.fast is not None
+        assert copied.run(router.db_for_read, Item) == "default"
+        assert router.db_for_read(Item) == "replica"
+
+    def test_a_scope_begun_inside_use_primary_knows_it(self, steady):
+        # A scope begun inside the block and used after it: a context copied
+        # inside still shares it, and is still forced.
+        force = use_primary()
+        force.__enter__()
+        token = routers.begin_scope()
+        copied = contextvars.copy_context()
+        force.__exit__(None, None, None)
+        try:
+            assert router.db_for_read(Item) == "replica"
+            assert router.db_for_read(Item) == "replica"
+            assert copied.run(router.db_for_read, Item) == "default"
+        finally:
+            routers.end_scope(token)
+
+    def test_use_primary_left_by_an_exception(self, steady):
+        with pytest.raises(ZeroDivisionError), use_primary():
+            assert router.db_for_read(Item) == "default"
+            1 / 0  # noqa: B018
+        assert router.db_for_read(Item) == "replica"
+
+    def test_a_settings_change_decides_writes_again(self):
+        uncounted = {**SCALEKIT, "METRICS": {"ROUTING": False}}
+        with override_settings(SCALEKIT=uncounted), routing_scope() as scope:
+            assert router.db_for_write(Item) == "default"
+            assert scope.write_to == "default"  # repeat writes look only this up
+            with override_settings(SCALEKIT={**uncounted, "PRIMARY": "analytics"}):
+                assert router.db_for_write(Item) == "analytics"
+            assert router.db_for_write(Item) == "default"
+
+    def test_repeat_writes_are_counted_with_routing_metrics(self, steady):
+        with (
+            override_settings(SCALEKIT={**SCALEKIT, "METRICS": {"ROUTING": True}}),
+            routing_scope() as scope,
+        ):
+            if scope.tally is None:
+                pytest.skip("prometheus_client is not installed")
+            for _ in range(3):
+                assert router.db_for_write(Item) == "default"
+            assert scope.write_to is None
+            assert scope.n_write == 3
 
     def test_a_write_pins_the_rest_of_the_scope(self, steady):
         assert router.db_for_write(Item) == "default"
@@ -940,3 +1023,34 @@ class TestMetrics:
             router.db_for_read(Item)
             assert scope.tally is None
         assert routed("replica", "read") == before
+
+
+@pytest.mark.parametrize("router_class", [PrimaryReplicaRouter, ShardRouter])
+def test_the_routers_need_the_app_installed(router_class):
+    # Without it no check reports a bad setting and no signal ends a
+    # request's scope: refuse at the first query, saying what to add.
+    without = [app for app in settings.INSTALLED_APPS if app != "django_scalekit"]
+    assert len(without) < len(settings.INSTALLED_APPS)
+    with (
+        override_settings(INSTALLED_APPS=without),
+        pytest.raises(
+            ImproperlyConfigured, match='"django_scalekit" in INSTALLED_APPS'
+        ),
+    ):
+        router_class()
+    router_class()  # installed again
+
+
+def test_a_new_scope_sets_every_field():
+    # Scope.__init__ sets _GroupState's fields itself: a slot added there
+    # must be set here too.
+    scope = routers.Scope()
+    slots = [
+        name
+        for cls in type(scope).__mro__
+        for name in getattr(cls, "__slots__", ())
+        if name != "__weakref__"
+    ]
+    assert len(slots) > 15
+    for name in slots:
+        getattr(scope, name)
