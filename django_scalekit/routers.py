@@ -788,12 +788,26 @@ _positions: dict[str, tuple[float, int | None]] = {}
 _position_lock = threading.Lock()
 
 
+# The end of the last WAL record inserted on the primary. The insert position,
+# not the write position: with synchronous_commit = off the write position can
+# still be behind a commit record. When that record ended exactly at a WAL page
+# boundary, the insert position already points past the next page's header
+# (24 bytes, or 40 at the start of a segment), which a replica reaches only
+# with the next, unrelated record; so the header is taken off again.
+_PRIMARY_LSN_SQL = (
+    "SELECT (lsn - '0/0')::bigint - CASE "
+    "WHEN (pg_walfile_name_offset(lsn)).file_offset = 40 THEN 40 "
+    "WHEN (lsn - '0/0')::bigint % current_setting('wal_block_size')::bigint = 24 "
+    "THEN 24 ELSE 0 END "
+    "FROM (SELECT pg_current_wal_insert_lsn() AS lsn) AS p"
+)
+
+
 def primary_lsn(alias: str) -> int:
-    """The primary's current WAL position, as a number of bytes."""
+    """The primary's WAL position a replica must replay to have seen every
+    write committed so far, as a number of bytes."""
     with _connection(alias).cursor() as cursor:
-        # The insert position: with synchronous_commit = off the write
-        # position can still be behind a commit record.
-        cursor.execute("SELECT (pg_current_wal_insert_lsn() - '0/0')::bigint")
+        cursor.execute(_PRIMARY_LSN_SQL)
         return int(cursor.fetchone()[0])
 
 

@@ -785,6 +785,65 @@ def test_allow_relation_within_a_group_only():
 
 LSN = {**SCALEKIT, "READ_YOUR_WRITES": "lsn", "LSN_CHECK_SECONDS": 0.05}
 
+#: PostgreSQL's WAL page size (XLOG_BLCKSZ; a build-time constant).
+WAL_PAGE = 8192
+
+
+def _wal_insert_position(cursor) -> int:
+    cursor.execute("SELECT (pg_current_wal_insert_lsn() - '0/0')::bigint")
+    return int(cursor.fetchone()[0])
+
+
+def end_wal_on_a_page_boundary(cursor) -> int | None:
+    """Emit WAL messages sized so that the last one ends exactly where a WAL
+    page ends; return that boundary (None if other WAL kept getting in)."""
+    overhead = 56  # record + message headers, before alignment; corrected below
+    for _ in range(40):
+        start = _wal_insert_position(cursor)
+        room = WAL_PAGE - start % WAL_PAGE
+        size = room - overhead
+        if size < 16:
+            size = 200  # too close to the end of this page: move to the next
+        cursor.execute(
+            "SELECT pg_logical_emit_message(false, 'scalekit', repeat('x', %s))", [size]
+        )
+        end = _wal_insert_position(cursor)
+        if size != room - overhead:
+            continue
+        if end // WAL_PAGE == start // WAL_PAGE:  # too short: still on the page
+            overhead -= WAL_PAGE - end % WAL_PAGE
+        elif end % WAL_PAGE == 24 and end - start == room + 24:
+            return end - 24
+        elif end // WAL_PAGE == start // WAL_PAGE + 1:  # too long, by the excess
+            overhead += max(end % WAL_PAGE - 24, 8)
+    return None
+
+
+def replica_reached_primary() -> bool:
+    return (routers.replay_lsn("replica") or 0) >= routers.primary_lsn("default")
+
+
+def replication_report() -> str:
+    """Where the primary and the replica are, and what runs on the replica."""
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT pg_current_wal_insert_lsn(), pg_current_wal_lsn()")
+        insert, write = cursor.fetchone()
+    with connections["replica"].cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn(), "
+            "pg_is_wal_replay_paused()"
+        )
+        received, replayed, paused = cursor.fetchone()
+        cursor.execute(
+            "SELECT pid, state, wait_event, left(query, 80) FROM pg_stat_activity "
+            "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        )
+        sessions = cursor.fetchall()
+    return (
+        f"primary insert={insert} write={write}; replica received={received} "
+        f"replayed={replayed} paused={paused}; replica sessions={sessions}"
+    )
+
 
 @pytest.mark.replica
 @pytest.mark.django_db(transaction=True, databases="__all__")
@@ -825,15 +884,32 @@ class TestCausalReads:
 
         assert wait_until(served_by_replica, timeout=10)
 
-    def test_without_lag_the_next_request_reads_the_replica(self, replica):
+    def test_without_lag_the_next_request_reads_the_replica(self, replica, settings):
+        # Time-based pinning would send the reads to the primary for 60 s.
+        settings.SCALEKIT = {**LSN, "PINNING_SECONDS": 60}
         name = unique()
         client = Client()
         client.post("/items/", {"name": name})
-        # Time-based pinning would send this to the primary for 5 s.
         assert wait_until(
-            lambda: client.get("/items/").json()["read_from"] == "replica", timeout=2
-        )
+            lambda: client.get("/items/").json()["read_from"] == "replica", timeout=10
+        ), replication_report()
         assert name in client.get("/items/").json()["names"]
+
+    def test_a_commit_ending_on_a_wal_page_boundary_is_reachable(self, replica):
+        # The insert position then points past the next page's header, which
+        # the replica reaches only with some later, unrelated WAL record.
+        with connections["default"].cursor() as cursor:
+            boundary = end_wal_on_a_page_boundary(cursor)
+        assert boundary is not None, "other WAL kept landing between our records"
+        assert routers.primary_lsn("default") >= boundary
+        assert wait_until(replica_reached_primary, timeout=5), replication_report()
+
+    def test_the_position_after_a_wal_segment_switch_is_reachable(self, replica):
+        # The next segment's first page has a 40-byte header.
+        with connections["default"].cursor() as cursor:
+            cursor.execute("SELECT pg_logical_emit_message(false, 'scalekit', 'x')")
+            cursor.execute("SELECT pg_switch_wal()")
+        assert wait_until(replica_reached_primary, timeout=5), replication_report()
 
     def test_the_cookie_keeps_what_untouched_groups_required(self, replica):
         scope = routers.Scope(False, {"default": 50, "analytics": 100})
