@@ -215,6 +215,7 @@ def test_staticfiles_serve_view_is_a_static_file(client, static_root):
         STATIC_URL="/dev-static/", STATIC_ROOT=None, STATICFILES_DIRS=[static_root]
     ):
         response = client.get("/dev-static/css/site.css")
+        response.close()  # a FileResponse: closes the file
         assert response.status_code == 200
         assert response["Cache-Control"] == "public, max-age=60"
 
