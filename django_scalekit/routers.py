@@ -131,6 +131,10 @@ class _GroupState:
 class Scope(_GroupState):
     """Routing state of one request or task; it is the default group's state."""
 
+    #: Its write pins expire at ``pinned_until`` (an _ImplicitScope, which
+    #: nothing ends).
+    expiring = False
+
     __slots__ = (
         "_cookie_lsns",
         "_groups",
@@ -141,6 +145,7 @@ class Scope(_GroupState):
         "n_transaction",
         "n_write",
         "pinned_all",
+        "pinned_until",
         "tally",
         "write_to",
         "wrote",
@@ -194,6 +199,9 @@ class Scope(_GroupState):
         #: db_for_write's fast path: the primary, once this scope's write is
         #: recorded and later writes have nothing to record or count.
         self.write_to: str | None = None
+        #: An expiring scope's pins end at this time.monotonic(); 0: no pin,
+        #: or no end (PINNING_SECONDS = 0).
+        self.pinned_until = 0.0
 
     def retire_reads(self) -> None:
         """Move the reads counted for the current replica into the tally
@@ -293,10 +301,32 @@ def current_scope() -> Scope:
     return scope
 
 
+def _pin_for(scope: Scope, cfg: conf.Settings) -> None:
+    """After a write in an expiring scope: pin it for PINNING_SECONDS from now."""
+    if cfg.pinning_seconds and not cfg.lsn_mode:
+        scope.pinned_until = time.monotonic() + cfg.pinning_seconds
+    # Neither fast path may answer without looking at the time.
+    scope.fast = None
+    scope.write_to = None
+
+
+def _unpin_if_expired(scope: Scope) -> None:
+    """An expiring scope reads from the replicas again once its last write's
+    pin has ended."""
+    if scope.pinned_until and time.monotonic() >= scope.pinned_until:
+        scope.pinned_until = 0.0
+        for _name, state in scope.states():
+            state.pinned = False
+
+
 class _ImplicitScope(Scope):
-    """A scope nothing ends: its counts are added when it is collected too."""
+    """A scope nothing ends: its counts are added when it is collected too,
+    and (READ_YOUR_WRITES = "time") a write pins its reads for
+    PINNING_SECONDS, as the cookie pins a client, not for the thread's life."""
 
     __slots__ = ("__weakref__",)
+
+    expiring = True
 
     def __del__(self) -> None:
         with suppress(Exception):  # e.g. at interpreter shutdown
@@ -1070,6 +1100,8 @@ def route_read(group: conf.ReplicaGroup) -> str:
     """
     cfg = conf._settings or conf.get()
     scope = _scope.get() or current_scope()
+    if scope.expiring:
+        _unpin_if_expired(scope)
     return _read(scope.group(group.name), scope, group, cfg)
 
 
@@ -1082,6 +1114,8 @@ def route_write(group: conf.ReplicaGroup) -> str:
     # After the state it guards: a thread sharing the scope that sets the
     # fast path meanwhile sees the new state when it checks again.
     scope.fast = None
+    if scope.expiring:
+        _pin_for(scope, cfg)
     return _count(scope, group.primary, WRITE)
 
 
@@ -1149,6 +1183,8 @@ class PrimaryReplicaRouter:
     def _read_slow(self, model: type[Model], scope: Scope) -> str:
         cfg = conf._settings or conf.get()
         scope.fast = None
+        if scope.expiring:
+            _unpin_if_expired(scope)
         if cfg.groups:
             group = group_of(model, cfg)
             return _read(scope.group(group.name), scope, group, cfg)
@@ -1156,13 +1192,14 @@ class PrimaryReplicaRouter:
         # per query (the scope is the default group's state). Counting is in
         # integers on the scope; Scope.flush() labels them.
         if scope.pinned:
-            # Pinned for the rest of the scope, whatever the thread.
-            scope.fast = (
-                0,
-                _NO_TRANSACTION,
-                cfg.primary,
-                _WROTE if scope.wrote and cfg.simple_writes else _PINNED,
-            )
+            if not scope.expiring:
+                # Pinned for the rest of the scope, whatever the thread.
+                scope.fast = (
+                    0,
+                    _NO_TRANSACTION,
+                    cfg.primary,
+                    _WROTE if scope.wrote and cfg.simple_writes else _PINNED,
+                )
             scope.n_pinned += 1
             return cfg.primary
         if _forced.get():
@@ -1222,6 +1259,8 @@ class PrimaryReplicaRouter:
             scope = current_scope()
         cfg = conf._settings or conf.get()
         scope.wrote = True
+        if scope.expiring:
+            return self._write_implicit(model, scope, cfg)
         if cfg.simple_writes:
             scope.pinned = True
             # Later reads and writes of the scope only look this up.
@@ -1240,6 +1279,13 @@ class PrimaryReplicaRouter:
         scope.fast = None  # after the state it guards (see route_write)
         scope.n_write += 1
         return cfg.primary
+
+    @staticmethod
+    def _write_implicit(model: type[Model], scope: Scope, cfg: conf.Settings) -> str:
+        group = group_of(model, cfg)
+        _written(scope.group(group.name), group.primary, cfg)
+        _pin_for(scope, cfg)
+        return _count(scope, group.primary, WRITE)
 
     def allow_relation(self, obj1: Model, obj2: Model, **hints: Any) -> bool | None:
         groups = conf.get(strict=False).alias_groups

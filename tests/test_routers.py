@@ -629,6 +629,101 @@ def writer_async(client: Client) -> AsyncClient:
     return async_client
 
 
+def outside_any_scope(work):
+    """Run ``work`` as a management command or a thread of its own does: in a
+    context no request, task or routing_scope() started a scope in."""
+    return contextvars.Context().run(work)
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+class TestScopesNothingEnds:
+    """A write outside a request or task pins reads for PINNING_SECONDS, as
+    the cookie pins a client: a worker loop is not pinned for its life."""
+
+    def test_a_write_pins_for_pinning_seconds(self, replica, settings):
+        settings.SCALEKIT = {**SCALEKIT, "PINNING_SECONDS": 0.5}
+
+        def work():
+            Item.objects.create(name=unique())
+            pinned = router.db_for_read(Item)
+            time.sleep(1)
+            return pinned, router.db_for_read(Item)
+
+        assert outside_any_scope(work) == ("default", "replica")
+
+    def test_each_write_pins_again(self, replica, settings):
+        settings.SCALEKIT = {**SCALEKIT, "PINNING_SECONDS": 1}
+
+        def work():
+            Item.objects.create(name=unique())
+            time.sleep(0.6)
+            Item.objects.create(name=unique())
+            time.sleep(0.6)
+            still = router.db_for_read(Item)  # 1.2 s after the first write
+            time.sleep(0.8)
+            return still, router.db_for_read(Item)
+
+        assert outside_any_scope(work) == ("default", "replica")
+
+    def test_each_group_is_unpinned(self, replica, settings):
+        settings.SCALEKIT = {**settings.SCALEKIT, "PINNING_SECONDS": 0.5}  # GROUPS
+
+        def work():
+            Event.objects.create(name=unique())
+            Item.objects.create(name=unique())
+            pinned = router.db_for_read(Event), router.db_for_read(Item)
+            time.sleep(1)
+            return pinned, (router.db_for_read(Event), router.db_for_read(Item))
+
+        assert outside_any_scope(work) == (
+            ("analytics", "default"),
+            ("analytics_replica", "replica"),
+        )
+
+    def test_other_routers_groups_are_unpinned(self, replica, settings):
+        # route_write()/route_read(): what the shard router calls for a shard.
+        settings.SCALEKIT = {**SCALEKIT, "PINNING_SECONDS": 0.5}
+        group = routers.conf.get().default_group
+
+        def work():
+            routers.route_write(group)
+            pinned = routers.route_read(group)
+            time.sleep(1)
+            return pinned, routers.route_read(group)
+
+        assert outside_any_scope(work) == ("default", "replica")
+
+    def test_a_routing_scope_stays_pinned_to_its_end(self, replica, settings):
+        settings.SCALEKIT = {**SCALEKIT, "PINNING_SECONDS": 0.5}
+
+        def work():
+            with routing_scope():
+                Item.objects.create(name=unique())
+                time.sleep(1)
+                return router.db_for_read(Item)
+
+        assert outside_any_scope(work) == "default"
+
+    def test_without_pinning_seconds_the_pin_lasts(self, replica, settings):
+        settings.SCALEKIT = {**SCALEKIT, "PINNING_SECONDS": 0}
+
+        def work():
+            Item.objects.create(name=unique())
+            time.sleep(0.3)
+            return router.db_for_read(Item), router.db_for_read(Item)
+
+        assert outside_any_scope(work) == ("default", "default")
+
+    def test_lsn_mode_reads_a_replica_that_replayed_the_write(self, replica, settings):
+        settings.SCALEKIT = {**LSN, "PINNING_SECONDS": 60}
+
+        def work():
+            Item.objects.create(name=unique())
+            return wait_until(lambda: router.db_for_read(Item) == "replica", timeout=10)
+
+        assert outside_any_scope(work)
+
+
 @pytest.mark.replica
 @pytest.mark.django_db(transaction=True, databases="__all__")
 class TestLagAwareness:
