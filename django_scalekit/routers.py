@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
+import math
 import os
 import random
 import select
@@ -92,6 +93,7 @@ class _GroupState:
         "lsn_pending",
         "min_lsn",
         "pinned",
+        "pinned_until",
         "primary_alias",
         "rechecked_lsn",
         "replica",
@@ -110,6 +112,9 @@ class _GroupState:
         self.lsn_pending = False
         self.causal = min_lsn > 0
         self.rechecked_lsn = 0
+        #: Expiring scopes only: reads go to the primary until this
+        #: time.monotonic() (_PENDING: a write whose clock has not started).
+        self.pinned_until = 0.0
         self.primary_alias = ""
         # The primary's connection wrapper, for the settings and thread it was
         # looked up for (a scope can be shared with worker threads).
@@ -131,8 +136,8 @@ class _GroupState:
 class Scope(_GroupState):
     """Routing state of one request or task; it is the default group's state."""
 
-    #: Its write pins expire at ``pinned_until`` (an _ImplicitScope, which
-    #: nothing ends).
+    #: Its writes pin reads for PINNING_SECONDS (``pinned_until``), not to
+    #: its end: an _ImplicitScope, which nothing ends.
     expiring = False
 
     __slots__ = (
@@ -145,7 +150,6 @@ class Scope(_GroupState):
         "n_transaction",
         "n_write",
         "pinned_all",
-        "pinned_until",
         "tally",
         "write_to",
         "wrote",
@@ -163,6 +167,7 @@ class Scope(_GroupState):
         self.rechecked_lsn = 0
         self.lsn_pending = False
         self.causal = min_lsn > 0
+        self.pinned_until = 0.0
         self.primary_alias = ""
         self._conn = _NO_CONNECTION
         #: Every group reads from its primary (a pinning cookie came with the request).
@@ -199,9 +204,6 @@ class Scope(_GroupState):
         #: db_for_write's fast path: the primary, once this scope's write is
         #: recorded and later writes have nothing to record or count.
         self.write_to: str | None = None
-        #: An expiring scope's pins end at this time.monotonic(); 0: no pin,
-        #: or no end (PINNING_SECONDS = 0).
-        self.pinned_until = 0.0
 
     def retire_reads(self) -> None:
         """Move the reads counted for the current replica into the tally
@@ -301,28 +303,49 @@ def current_scope() -> Scope:
     return scope
 
 
-def _pin_for(scope: Scope, cfg: conf.Settings) -> None:
-    """After a write in an expiring scope: pin it for PINNING_SECONDS from now."""
-    if cfg.pinning_seconds and not cfg.lsn_mode:
-        scope.pinned_until = time.monotonic() + cfg.pinning_seconds
-    # Neither fast path may answer without looking at the time.
+#: _GroupState.pinned_until of a write whose clock has not started yet.
+_PENDING = math.inf
+
+
+def _pins_for_a_while(scope: Scope, cfg: conf.Settings) -> bool:
+    """Whether a write of ``scope`` pins for PINNING_SECONDS rather than to the
+    scope's end (lsn mode needs neither; PINNING_SECONDS = 0 keeps the pin)."""
+    return scope.expiring and bool(cfg.pinning_seconds) and not cfg.lsn_mode
+
+
+def _pin_a_while(scope: Scope, state: _GroupState) -> None:
+    """Record a write of an expiring scope: the group reads its primary from
+    now until PINNING_SECONDS after the write committed."""
+    state.pinned_until = _PENDING
     scope.fast = None
-    scope.write_to = None
 
 
-def _unpin_if_expired(scope: Scope) -> None:
-    """An expiring scope reads from the replicas again once its last write's
-    pin has ended."""
-    if scope.pinned_until and time.monotonic() >= scope.pinned_until:
-        scope.pinned_until = 0.0
-        for _name, state in scope.states():
-            state.pinned = False
+def _still_pinned(state: _GroupState, cfg: conf.Settings) -> bool:
+    """Whether a write pin of an expiring scope still holds. Its clock starts
+    at the first read outside any transaction of the thread: the write may
+    commit long after it was routed (a slow statement, an atomic block)."""
+    until = state.pinned_until
+    if until is _PENDING:
+        if _in_a_transaction():
+            return True
+        until = state.pinned_until = time.monotonic() + cfg.pinning_seconds
+    return time.monotonic() < until
+
+
+def _in_a_transaction() -> bool:
+    """Whether a connection of this thread has a transaction open."""
+    return any(
+        connection.in_atomic_block
+        or (connection.connection is not None and not connection.autocommit)
+        for connection in connections.all(initialized_only=True)
+    )
 
 
 class _ImplicitScope(Scope):
     """A scope nothing ends: its counts are added when it is collected too,
-    and (READ_YOUR_WRITES = "time") a write pins its reads for
-    PINNING_SECONDS, as the cookie pins a client, not for the thread's life."""
+    and (READ_YOUR_WRITES = "time") a write pins its group's reads for
+    PINNING_SECONDS after it committed, as the cookie pins a client, not for
+    the thread's life."""
 
     __slots__ = ("__weakref__",)
 
@@ -993,7 +1016,12 @@ def choose_replica(
 def _read(
     state: _GroupState, scope: Scope, group: conf.ReplicaGroup, cfg: conf.Settings
 ) -> str:
-    if state.pinned or scope.pinned_all or _forced.get():
+    if (
+        state.pinned
+        or scope.pinned_all
+        or _forced.get()
+        or (state.pinned_until and _still_pinned(state, cfg))
+    ):
         alias, reason = group.primary, PINNED
     elif not group.replicas:
         alias, reason = group.primary, READ
@@ -1100,8 +1128,6 @@ def route_read(group: conf.ReplicaGroup) -> str:
     """
     cfg = conf._settings or conf.get()
     scope = _scope.get() or current_scope()
-    if scope.expiring:
-        _unpin_if_expired(scope)
     return _read(scope.group(group.name), scope, group, cfg)
 
 
@@ -1110,12 +1136,13 @@ def route_write(group: conf.ReplicaGroup) -> str:
     cfg = conf._settings or conf.get()
     scope = _scope.get() or current_scope()
     scope.wrote = True
-    _written(scope.group(group.name), group.primary, cfg)
-    # After the state it guards: a thread sharing the scope that sets the
-    # fast path meanwhile sees the new state when it checks again.
-    scope.fast = None
-    if scope.expiring:
-        _pin_for(scope, cfg)
+    if _pins_for_a_while(scope, cfg):
+        _pin_a_while(scope, scope.group(group.name))
+    else:
+        _written(scope.group(group.name), group.primary, cfg)
+        # After the state it guards: a thread sharing the scope that sets the
+        # fast path meanwhile sees the new state when it checks again.
+        scope.fast = None
     return _count(scope, group.primary, WRITE)
 
 
@@ -1183,8 +1210,6 @@ class PrimaryReplicaRouter:
     def _read_slow(self, model: type[Model], scope: Scope) -> str:
         cfg = conf._settings or conf.get()
         scope.fast = None
-        if scope.expiring:
-            _unpin_if_expired(scope)
         if cfg.groups:
             group = group_of(model, cfg)
             return _read(scope.group(group.name), scope, group, cfg)
@@ -1192,15 +1217,17 @@ class PrimaryReplicaRouter:
         # per query (the scope is the default group's state). Counting is in
         # integers on the scope; Scope.flush() labels them.
         if scope.pinned:
-            if not scope.expiring:
-                # Pinned for the rest of the scope, whatever the thread.
-                scope.fast = (
-                    0,
-                    _NO_TRANSACTION,
-                    cfg.primary,
-                    _WROTE if scope.wrote and cfg.simple_writes else _PINNED,
-                )
+            # Pinned for the rest of the scope, whatever the thread.
+            scope.fast = (
+                0,
+                _NO_TRANSACTION,
+                cfg.primary,
+                _WROTE if scope.wrote and cfg.simple_writes else _PINNED,
+            )
             scope.n_pinned += 1
+            return cfg.primary
+        if scope.pinned_until and _still_pinned(scope, cfg):
+            scope.n_pinned += 1  # no fast path: the pin ends in time
             return cfg.primary
         if _forced.get():
             scope.forced = True  # a context copied from one that is forced
@@ -1237,7 +1264,12 @@ class PrimaryReplicaRouter:
                 (_STEADY if scope.tally is None else _COUNTED)
                 | (_CHECK_FORCED if forced else _STEADY),
             )
-            if scope.pinned or scope.causal or scope.forced is not forced:
+            if (
+                scope.pinned
+                or scope.causal
+                or scope.forced is not forced
+                or scope.pinned_until is _PENDING
+            ):
                 # A thread sharing the scope wrote or entered use_primary()
                 # meanwhile.
                 scope.fast = None
@@ -1259,8 +1291,10 @@ class PrimaryReplicaRouter:
             scope = current_scope()
         cfg = conf._settings or conf.get()
         scope.wrote = True
-        if scope.expiring:
-            return self._write_implicit(model, scope, cfg)
+        if scope.expiring and _pins_for_a_while(scope, cfg):
+            group = group_of(model, cfg)
+            _pin_a_while(scope, scope.group(group.name))
+            return _count(scope, group.primary, WRITE)
         if cfg.simple_writes:
             scope.pinned = True
             # Later reads and writes of the scope only look this up.
@@ -1279,13 +1313,6 @@ class PrimaryReplicaRouter:
         scope.fast = None  # after the state it guards (see route_write)
         scope.n_write += 1
         return cfg.primary
-
-    @staticmethod
-    def _write_implicit(model: type[Model], scope: Scope, cfg: conf.Settings) -> str:
-        group = group_of(model, cfg)
-        _written(scope.group(group.name), group.primary, cfg)
-        _pin_for(scope, cfg)
-        return _count(scope, group.primary, WRITE)
 
     def allow_relation(self, obj1: Model, obj2: Model, **hints: Any) -> bool | None:
         groups = conf.get(strict=False).alias_groups

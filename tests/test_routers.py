@@ -635,6 +635,7 @@ def outside_any_scope(work):
     return contextvars.Context().run(work)
 
 
+@pytest.mark.replica
 @pytest.mark.django_db(transaction=True, databases="__all__")
 class TestScopesNothingEnds:
     """A write outside a request or task pins reads for PINNING_SECONDS, as
@@ -656,10 +657,12 @@ class TestScopesNothingEnds:
 
         def work():
             Item.objects.create(name=unique())
+            router.db_for_read(Item)  # the first write's pin starts
             time.sleep(0.6)
             Item.objects.create(name=unique())
+            router.db_for_read(Item)  # and the second's
             time.sleep(0.6)
-            still = router.db_for_read(Item)  # 1.2 s after the first write
+            still = router.db_for_read(Item)  # 1.2 s after the first
             time.sleep(0.8)
             return still, router.db_for_read(Item)
 
@@ -682,14 +685,47 @@ class TestScopesNothingEnds:
 
     def test_other_routers_groups_are_unpinned(self, replica, settings):
         # route_write()/route_read(): what the shard router calls for a shard.
-        settings.SCALEKIT = {**SCALEKIT, "PINNING_SECONDS": 0.5}
-        group = routers.conf.get().default_group
+        settings.SCALEKIT = {**settings.SCALEKIT, "PINNING_SECONDS": 0.5}  # GROUPS
+        analytics = routers.conf.get().groups["analytics"]
+        default = routers.conf.get().default_group
 
         def work():
-            routers.route_write(group)
-            pinned = routers.route_read(group)
+            routers.route_write(analytics)
+            pinned = routers.route_read(analytics), routers.route_read(default)
             time.sleep(1)
-            return pinned, routers.route_read(group)
+            return pinned, routers.route_read(analytics)
+
+        assert outside_any_scope(work) == (
+            ("analytics", "replica"),
+            "analytics_replica",
+        )
+
+    def test_the_pin_counts_from_the_commit(self, replica, settings):
+        settings.SCALEKIT = {**SCALEKIT, "PINNING_SECONDS": 0.5}
+
+        def work():
+            with transaction.atomic():
+                Item.objects.create(name=unique())
+                time.sleep(1)  # a transaction longer than PINNING_SECONDS
+            after_commit = router.db_for_read(Item)
+            time.sleep(1)
+            return after_commit, router.db_for_read(Item)
+
+        assert outside_any_scope(work) == ("default", "replica")
+
+    def test_the_pin_counts_from_the_first_read_after_the_write(
+        self, replica, settings
+    ):
+        # A statement can run for longer than PINNING_SECONDS after it was
+        # routed; the thread's next read comes after it.
+        settings.SCALEKIT = {**SCALEKIT, "PINNING_SECONDS": 0.5}
+
+        def work():
+            router.db_for_write(Item)
+            time.sleep(1)
+            first = router.db_for_read(Item)
+            time.sleep(1)
+            return first, router.db_for_read(Item)
 
         assert outside_any_scope(work) == ("default", "replica")
 
@@ -995,8 +1031,11 @@ class TestCausalReads:
         # the replica reaches only with some later, unrelated WAL record.
         with connections["default"].cursor() as cursor:
             boundary = end_wal_on_a_page_boundary(cursor)
-        assert boundary is not None, "other WAL kept landing between our records"
-        assert routers.primary_lsn("default") >= boundary
+            assert boundary is not None, "other WAL kept landing between our records"
+            required = routers.primary_lsn("default")
+            if _wal_insert_position(cursor) == boundary + 24:  # nothing else came
+                assert required == boundary
+        assert required >= boundary
         assert wait_until(replica_reached_primary, timeout=5), replication_report()
 
     def test_the_position_after_a_wal_segment_switch_is_reachable(self, replica):
@@ -1004,6 +1043,15 @@ class TestCausalReads:
         with connections["default"].cursor() as cursor:
             cursor.execute("SELECT pg_logical_emit_message(false, 'scalekit', 'x')")
             cursor.execute("SELECT pg_switch_wal()")
+            cursor.execute(
+                "SELECT (lsn - '0/0')::bigint, (pg_walfile_name_offset(lsn)).file_offset "
+                "FROM pg_current_wal_insert_lsn() AS lsn"
+            )
+            position, offset = cursor.fetchone()
+            required = routers.primary_lsn("default")
+            if offset == 40 and _wal_insert_position(cursor) == position:
+                assert required == position - 40  # nothing else came
+        assert required >= position - offset
         assert wait_until(replica_reached_primary, timeout=5), replication_report()
 
     def test_the_cookie_keeps_what_untouched_groups_required(self, replica):
