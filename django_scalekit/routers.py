@@ -1042,7 +1042,7 @@ def _read(
         ):
             alias, reason = replica, READ
         else:
-            alias = _choose_for_scope(state, group, cfg)
+            alias = _choose_for_scope(state, group, cfg, scope.expiring)
             reason = READ if alias != group.primary else _fallback_reason(group)
     return _count(scope, alias, reason)
 
@@ -1065,7 +1065,10 @@ def _fallback_reason(group: conf.ReplicaGroup) -> str:
 
 
 def _choose_for_scope(
-    state: _GroupState, group: conf.ReplicaGroup, cfg: conf.Settings
+    state: _GroupState,
+    group: conf.ReplicaGroup,
+    cfg: conf.Settings,
+    expiring: bool = False,
 ) -> str:
     """Choose the scope's replica; after a failover only a replica at least as
     far along as the lost one (PostgreSQL positions), or else the primary."""
@@ -1076,9 +1079,15 @@ def _choose_for_scope(
     floor = _positions.get(lost, (0.0, None))[1]
     if floor is None:
         # Positions unknown: the primary is the only read that cannot go back
-        # in time.
-        state.pinned = True
+        # in time; in a scope nothing ends, for PINNING_SECONDS, as after a
+        # write (then a replica is chosen afresh).
         state.replica = None
+        if expiring and cfg.pinning_seconds:
+            state.pinned_until = max(
+                state.pinned_until, time.monotonic() + cfg.pinning_seconds
+            )
+        else:
+            state.pinned = True
         return group.primary
     state.min_lsn, state.causal = max(state.min_lsn, floor), True
     return _read_causal(state, group, cfg)
@@ -1250,7 +1259,7 @@ class PrimaryReplicaRouter:
         replica = scope.replica
         if replica is None or (_down_until and is_down(replica)):
             scope.retire_reads()
-            replica = _choose_for_scope(scope, cfg.default_group, cfg)
+            replica = _choose_for_scope(scope, cfg.default_group, cfg, scope.expiring)
             if replica == cfg.primary:
                 return _count(scope, replica, _fallback_reason(cfg.default_group))
         if scope._conn[2] is primary and not scope.causal and not scope.pinned:

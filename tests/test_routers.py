@@ -729,6 +729,26 @@ class TestScopesNothingEnds:
 
         assert outside_any_scope(work) == ("default", "replica")
 
+    def test_a_failover_pin_ends_too(self, replica, settings):
+        # Without replay positions, losing the scope's replica sends reads to
+        # the primary (monotonic reads); in a worker, not for good.
+        settings.SCALEKIT = {
+            **SCALEKIT,
+            "REPLICAS": ["replica", "replica_b"],
+            "PINNING_SECONDS": 0.5,
+        }
+
+        def work():
+            first = router.db_for_read(Item)
+            routers.mark_down(first, 30, "test")
+            after_failover = router.db_for_read(Item)
+            time.sleep(1)
+            return first, after_failover, router.db_for_read(Item)
+
+        first, after_failover, later = outside_any_scope(work)
+        assert after_failover == "default"
+        assert later == ({"replica", "replica_b"} - {first}).pop()
+
     def test_a_routing_scope_stays_pinned_to_its_end(self, replica, settings):
         settings.SCALEKIT = {**SCALEKIT, "PINNING_SECONDS": 0.5}
 
