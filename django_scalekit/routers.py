@@ -1145,6 +1145,11 @@ def route_write(group: conf.ReplicaGroup) -> str:
     cfg = conf._settings or conf.get()
     scope = _scope.get() or current_scope()
     scope.wrote = True
+    return _write_group(scope, group, cfg)
+
+
+def _write_group(scope: Scope, group: conf.ReplicaGroup, cfg: conf.Settings) -> str:
+    """Record a write of ``group`` in ``scope``; return the group's primary."""
     if _pins_for_a_while(scope, cfg):
         _pin_a_while(scope, scope.group(group.name))
     else:
@@ -1300,10 +1305,8 @@ class PrimaryReplicaRouter:
             scope = current_scope()
         cfg = conf._settings or conf.get()
         scope.wrote = True
-        if scope.expiring and _pins_for_a_while(scope, cfg):
-            group = group_of(model, cfg)
-            _pin_a_while(scope, scope.group(group.name))
-            return _count(scope, group.primary, WRITE)
+        if cfg.groups or _pins_for_a_while(scope, cfg):
+            return _write_group(scope, group_of(model, cfg), cfg)
         if cfg.simple_writes:
             scope.pinned = True
             # Later reads and writes of the scope only look this up.
@@ -1313,11 +1316,6 @@ class PrimaryReplicaRouter:
             else:
                 scope.write_to = cfg.primary
             return cfg.primary
-        if cfg.groups:
-            group = group_of(model, cfg)
-            _written(scope.group(group.name), group.primary, cfg)
-            scope.fast = None
-            return _count(scope, group.primary, WRITE)
         _written(scope, cfg.primary, cfg)
         scope.fast = None  # after the state it guards (see route_write)
         scope.n_write += 1
